@@ -1,0 +1,438 @@
+"""The asyncio micro-batcher: callers submit items, workers run them in batches.
+
+A caller awaits ``submit_many(items)``; its items join one bounded FIFO queue.
+One task per model instance gathers a batch from the head of the queue and
+runs the user's batch function in that instance's own worker thread, so the
+event loop never blocks on the model. While one batch computes, the next
+gathers in the queue, and goes the moment a worker is free.
+
+Gathering a batch, for a free worker:
+
+* wait for the first item;
+* then keep gathering until the batch is full, or ``max_wait`` has passed
+  since the *oldest* queued item arrived (so a busy queue never waits twice),
+  or - with ``eager`` dispatch - one turn of the event loop brought no new
+  item: when nobody else is arriving, waiting would only add latency;
+* skip items whose caller left or whose deadline passed: they are never
+  computed.
+
+Every caller's future is resolved exactly once: with its results, or with
+one of the errors in ``batching.errors``. A batch function that raises (or
+returns the wrong number of results) fails only the callers of that batch;
+the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from batching.errors import (
+    BatchFailed,
+    BatchingError,
+    Cancelled,
+    Closed,
+    DeadlineExceeded,
+    Overloaded,
+)
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+logger = logging.getLogger("carpool.batching")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPolicy:
+    """How items are grouped. ``max_wait`` is in seconds."""
+
+    max_batch_size: int = 32
+    max_wait: float = 0.002
+    max_queue: int = 256
+    eager: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        if self.max_wait < 0:
+            raise ValueError("max_wait must not be negative")
+        if self.max_queue < 1:
+            raise ValueError("max_queue must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Completion(Generic[Result]):
+    """One caller's results, with how they were obtained."""
+
+    results: list[Result]
+    queue_seconds: float
+    compute_seconds: float
+    batch_size: int
+
+
+@dataclass(slots=True)
+class BatcherStats:
+    """Running figures, read by the metrics exporter."""
+
+    queued: int = 0
+    in_flight: int = 0
+    batches: int = 0
+    items: int = 0
+    failed_batches: int = 0
+    loop_errors: int = 0
+    dropped: dict[str, int] = field(
+        default_factory=lambda: {"overloaded": 0, "deadline": 0, "cancelled": 0, "closed": 0, "failed": 0}
+    )
+
+
+BatchListener = Callable[[int, float, list[float]], None]
+"""Called on the event loop after every batch: (size, compute seconds, queue
+seconds of each request that started in this batch)."""
+
+
+class _Pending(Generic[Item, Result]):
+    """One caller's items on their way through the queue."""
+
+    __slots__ = (
+        "items", "future", "results", "next", "remaining", "enqueued",
+        "started", "deadline", "timer", "compute", "batch_size",
+    )
+
+    def __init__(
+        self,
+        items: Sequence[Item],
+        future: asyncio.Future[Completion[Result]],
+        enqueued: float,
+        deadline: float | None,
+    ) -> None:
+        self.items = items
+        self.future = future
+        self.results: list[Result | None] = [None] * len(items)
+        self.next = 0  # index of the first item not yet handed to a batch
+        self.remaining = len(items)  # items without a result yet
+        self.enqueued = enqueued
+        self.started = enqueued
+        self.deadline = deadline
+        self.timer: asyncio.TimerHandle | None = None
+        self.compute = 0.0
+        self.batch_size = 0
+
+
+_Segment = tuple[_Pending[Item, Result], int, int]
+
+
+class Batcher(Generic[Item, Result]):
+    """Runs ``batch_fns[i](items) -> results`` for batches of submitted items.
+
+    One worker thread per entry of ``batch_fns`` (one per model instance).
+    Use ``async with Batcher(...)`` or ``start()`` / ``aclose()``.
+    """
+
+    def __init__(
+        self,
+        batch_fns: Sequence[Callable[[list[Item]], Sequence[Result]]],
+        policy: BatchPolicy = BatchPolicy(),
+        *,
+        name: str = "batcher",
+        on_batch: BatchListener | None = None,
+    ) -> None:
+        if not batch_fns:
+            raise ValueError("a batcher needs at least one batch function")
+        self.policy = policy
+        self.name = name
+        self.stats = BatcherStats()
+        self._fns = list(batch_fns)
+        self._on_batch = on_batch
+        self._queue: deque[_Pending[Item, Result]] = deque()
+        self._arrivals = 0
+        self._arrived = asyncio.Event()
+        self._gather_lock = asyncio.Lock()
+        self._closing = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._executors: list[ThreadPoolExecutor] = []
+        self._batch_seconds = 0.0  # moving average, for Retry-After
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def __aenter__(self) -> Batcher[Item, Result]:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def start(self) -> None:
+        """Start one serving task and worker thread per batch function."""
+        if self._tasks:
+            raise RuntimeError(f"{self.name} is already started")
+        for index, fn in enumerate(self._fns):
+            executor = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-{index}")
+            self._executors.append(executor)
+            task = asyncio.create_task(self._serve(fn, executor), name=f"{self.name}-{index}")
+            self._tasks.append(task)
+
+    @property
+    def accepting(self) -> bool:
+        return bool(self._tasks) and not self._closing
+
+    async def aclose(self, timeout: float | None = 30.0) -> None:
+        """Stop accepting, finish what is queued and running within
+        ``timeout`` seconds, then fail whatever is left with ``Cancelled``."""
+        self._closing = True
+        self._arrived.set()
+        if self._tasks:
+            _, unfinished = await asyncio.wait(self._tasks, timeout=timeout)
+            for task in unfinished:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._queue:
+            pending = self._queue.popleft()
+            self._fail(pending, Cancelled(f"{self.name} shut down before this request ran"), "closed")
+        self.stats.queued = 0
+        for executor in self._executors:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- submitting --------------------------------------------------------
+
+    async def submit(self, item: Item, deadline: float | None = None) -> Result:
+        """Run one item; see ``submit_many``."""
+        completion = await self.submit_many((item,), deadline)
+        return completion.results[0]
+
+    async def submit_many(
+        self, items: Sequence[Item], deadline: float | None = None
+    ) -> Completion[Result]:
+        """Queue ``items`` together (all or none) and wait for their results.
+
+        ``deadline`` is an absolute ``loop.time()``: items still queued then
+        fail with ``DeadlineExceeded`` and are never computed. Raises
+        ``Overloaded`` at once when the queue has no room, ``Closed`` when
+        the batcher is not accepting.
+        """
+        stats = self.stats
+        if not self.accepting:
+            stats.dropped["closed"] += len(items)
+            raise Closed(f"{self.name} is not accepting requests (shutting down)")
+        count = len(items)
+        if stats.queued + count > self.policy.max_queue:
+            stats.dropped["overloaded"] += count
+            raise Overloaded(
+                f"{self.name} is at capacity ({stats.queued} of {self.policy.max_queue} "
+                "items queued); retry later",
+                self.retry_after(),
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if deadline is not None and deadline <= now:
+            stats.dropped["deadline"] += count
+            raise DeadlineExceeded("the request's deadline passed before it was queued")
+        if count == 0:
+            return Completion([], 0.0, 0.0, 0)
+        pending: _Pending[Item, Result] = _Pending(items, loop.create_future(), now, deadline)
+        self._queue.append(pending)
+        stats.queued += count
+        self._arrivals += 1
+        self._arrived.set()
+        if deadline is not None:
+            pending.timer = loop.call_at(deadline, self._expire, pending)
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            self._withdraw(pending, "cancelled")
+            raise
+
+    def retry_after(self) -> float:
+        """Seconds until the current queue has likely drained (at least 1)."""
+        batches = self.stats.queued / self.policy.max_batch_size / len(self._fns)
+        return float(max(1, math.ceil(batches * self._batch_seconds)))
+
+    # -- leaving the queue early ---------------------------------------------
+
+    def _withdraw(self, pending: _Pending[Item, Result], reason: str) -> None:
+        """Take the not-yet-dispatched items of ``pending`` out of the queue."""
+        if pending.timer is not None:
+            pending.timer.cancel()
+        undispatched = len(pending.items) - pending.next
+        if undispatched == 0:
+            return  # everything is already in a batch; its results are dropped
+        if pending.next == 0:
+            try:
+                self._queue.remove(pending)
+            except ValueError:
+                pass
+        # A partly dispatched request stays at the head; ``next`` at the end
+        # makes the gatherer skip it.
+        pending.next = len(pending.items)
+        self.stats.queued -= undispatched
+        self.stats.dropped[reason] += undispatched
+
+    def _expire(self, pending: _Pending[Item, Result]) -> None:
+        if pending.future.done() or pending.next == len(pending.items):
+            return  # answered, or all of it is running: running work is not timed out
+        self._withdraw(pending, "deadline")
+        pending.future.set_exception(
+            DeadlineExceeded("the request's deadline passed while it waited in the queue")
+        )
+
+    def _fail(self, pending: _Pending[Item, Result], error: BatchingError, reason: str) -> None:
+        if not pending.future.done():
+            self._withdraw(pending, reason)
+            pending.future.set_exception(error)
+
+    # -- serving -------------------------------------------------------------
+
+    async def _serve(
+        self, fn: Callable[[list[Item]], Sequence[Result]], executor: ThreadPoolExecutor
+    ) -> None:
+        while True:
+            try:
+                batch = await self._gather()
+                if batch is None:
+                    return
+                await self._run(batch, fn, executor)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug of ours, not the model's: log it and keep serving.
+                self.stats.loop_errors += 1
+                logger.exception("%s: batch loop error", self.name)
+
+    async def _gather(self) -> list[_Segment[Item, Result]] | None:
+        """Wait for items and return the next batch; None once closed and empty."""
+        policy = self.policy
+        stats = self.stats
+        loop = asyncio.get_running_loop()
+        async with self._gather_lock:
+            while True:
+                while not stats.queued:
+                    if self._closing:
+                        return None
+                    self._arrived.clear()
+                    await self._arrived.wait()
+                head = self._head()
+                close_at = head.enqueued + policy.max_wait
+                while stats.queued < policy.max_batch_size and not self._closing:
+                    now = loop.time()
+                    if now >= close_at:
+                        break
+                    seen = self._arrivals
+                    if policy.eager:
+                        await asyncio.sleep(0)
+                        if self._arrivals == seen:
+                            break
+                    else:
+                        self._arrived.clear()
+                        try:
+                            await asyncio.wait_for(self._arrived.wait(), close_at - now)
+                        except TimeoutError:
+                            break
+                batch = self._take(loop.time())
+                if batch:
+                    return batch
+
+    def _head(self) -> _Pending[Item, Result]:
+        queue = self._queue
+        while queue[0].next == len(queue[0].items):
+            queue.popleft()  # withdrawn while partly dispatched
+        return queue[0]
+
+    def _take(self, now: float) -> list[_Segment[Item, Result]]:
+        queue = self._queue
+        room = self.policy.max_batch_size
+        batch: list[_Segment[Item, Result]] = []
+        while room and queue:
+            pending = queue[0]
+            start = pending.next
+            stop = min(len(pending.items), start + room)
+            if start == stop:
+                queue.popleft()
+                continue
+            if start == 0:
+                pending.started = now
+            batch.append((pending, start, stop))
+            pending.next = stop
+            room -= stop - start
+            if stop == len(pending.items):
+                queue.popleft()
+                if pending.timer is not None:
+                    pending.timer.cancel()
+        size = self.policy.max_batch_size - room
+        self.stats.queued -= size
+        return batch
+
+    async def _run(
+        self,
+        batch: list[_Segment[Item, Result]],
+        fn: Callable[[list[Item]], Sequence[Result]],
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        stats = self.stats
+        loop = asyncio.get_running_loop()
+        if len(batch) == 1 and batch[0][1] == 0 and batch[0][2] == len(batch[0][0].items):
+            items = list(batch[0][0].items)
+        else:
+            items = [item for pending, start, stop in batch for item in pending.items[start:stop]]
+        size = len(items)
+        stats.in_flight += size
+        began = loop.time()
+        results: Sequence[Result] | None = None
+        error: BatchingError | None = None
+        try:
+            try:
+                results = await loop.run_in_executor(executor, fn, items)
+                if len(results) != size:
+                    error = BatchFailed(
+                        f"the model returned {len(results)} results for a batch of {size} items"
+                    )
+            except Exception as exc:
+                error = BatchFailed(f"the model failed: {type(exc).__name__}: {exc}")
+                error.__cause__ = exc
+                logger.warning("%s: batch of %d failed: %r", self.name, size, exc)
+            seconds = loop.time() - began
+            self._batch_seconds = seconds if not stats.batches else 0.9 * self._batch_seconds + 0.1 * seconds
+            stats.batches += 1
+            stats.items += size
+            if error is not None or results is None:
+                stats.failed_batches += 1
+                for pending, _, _ in batch:
+                    self._fail(pending, error or BatchFailed("the model returned nothing"), "failed")
+            else:
+                self._deliver(batch, results, size, seconds)
+            if self._on_batch is not None:
+                waits = [p.started - p.enqueued for p, start, _ in batch if start == 0]
+                self._on_batch(size, seconds, waits)
+        finally:
+            stats.in_flight -= size
+            for pending, _, _ in batch:  # reached only when cancelled mid-batch
+                if not pending.future.done() and results is None and error is None:
+                    pending.future.set_exception(
+                        Cancelled(f"{self.name} shut down while this request was running")
+                    )
+
+    @staticmethod
+    def _deliver(
+        batch: list[_Segment[Item, Result]], results: Sequence[Result], size: int, seconds: float
+    ) -> None:
+        offset = 0
+        for pending, start, stop in batch:
+            count = stop - start
+            pending.results[start:stop] = results[offset : offset + count]
+            offset += count
+            pending.compute += seconds
+            pending.batch_size = max(pending.batch_size, size)
+            pending.remaining -= count
+            if pending.remaining == 0 and not pending.future.done():
+                pending.future.set_result(
+                    Completion(
+                        pending.results,  # type: ignore[arg-type]  # every slot is filled now
+                        pending.started - pending.enqueued,
+                        pending.compute,
+                        pending.batch_size,
+                    )
+                )

@@ -1,0 +1,54 @@
+"""Why a submitted item did not get a result.
+
+    BatchingError
+     ├── Overloaded          the queue is full; nothing was queued (retry later)
+     ├── Closed              the batcher is draining or closed; nothing was queued
+     ├── DeadlineExceeded    the item's deadline passed before its batch ran
+     ├── Cancelled           the batcher shut down before the item could run
+     └── BatchFailed         the batch function raised, or returned the wrong
+                             number of results; ``__cause__`` holds the error
+
+These are plain values: ``server/`` maps each one to an HTTP status in one
+place. A caller that cancels its own ``await`` gets ``asyncio.CancelledError``
+as usual; its items are dropped before they reach a batch.
+"""
+
+from __future__ import annotations
+
+
+class BatchingError(Exception):
+    """Base class of every error the batcher hands to a caller."""
+
+
+class Overloaded(BatchingError):
+    """The queue had no room for the items; they were not queued."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Closed(BatchingError):
+    """The batcher no longer accepts items (draining or closed)."""
+
+
+class DeadlineExceeded(BatchingError):
+    """The item's deadline passed while it waited; it was never computed."""
+
+
+class Cancelled(BatchingError):
+    """The batcher was closed before the item ran."""
+
+
+class BatchFailed(BatchingError):
+    """The batch function failed for a batch that held this item.
+
+    ``item_error`` is True when the failure was traced to the item itself
+    (the batch was split until the failing item ran alone), and False when
+    the batch as a whole failed (for example a result list of the wrong
+    length).
+    """
+
+    def __init__(self, message: str, *, item_error: bool = False) -> None:
+        super().__init__(message)
+        self.item_error = item_error
