@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -210,7 +211,7 @@ class Batcher(Generic[Item, Result]):
     ) -> Completion[Result]:
         """Queue ``items`` together (all or none) and wait for their results.
 
-        ``deadline`` is an absolute ``loop.time()``: items still queued then
+        ``deadline`` is an absolute ``time.monotonic()``: items still queued then
         fail with ``DeadlineExceeded`` and are never computed. Raises
         ``Overloaded`` at once when the queue has no room, ``Closed`` when
         the batcher is not accepting.
@@ -227,20 +228,20 @@ class Batcher(Generic[Item, Result]):
                 "items queued); retry later",
                 self.retry_after(),
             )
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = time.monotonic()
         if deadline is not None and deadline <= now:
             stats.dropped["deadline"] += count
             raise DeadlineExceeded("the request's deadline passed before it was queued")
         if count == 0:
             return Completion([], 0.0, 0.0, 0)
+        loop = asyncio.get_running_loop()
         pending: _Pending[Item, Result] = _Pending(items, loop.create_future(), now, deadline)
         self._queue.append(pending)
         stats.queued += count
         self._arrivals += 1
         self._arrived.set()
         if deadline is not None:
-            pending.timer = loop.call_at(deadline, self._expire, pending)
+            pending.timer = loop.call_later(deadline - now, self._expire, pending)
         try:
             return await pending.future
         except asyncio.CancelledError:
@@ -307,7 +308,6 @@ class Batcher(Generic[Item, Result]):
         """Wait for items and return the next batch; None once closed and empty."""
         policy = self.policy
         stats = self.stats
-        loop = asyncio.get_running_loop()
         async with self._gather_lock:
             while True:
                 while not stats.queued:
@@ -318,7 +318,7 @@ class Batcher(Generic[Item, Result]):
                 head = self._head()
                 close_at = head.enqueued + policy.max_wait
                 while stats.queued < policy.max_batch_size and not self._closing:
-                    now = loop.time()
+                    now = time.monotonic()
                     if now >= close_at:
                         break
                     seen = self._arrivals
@@ -332,7 +332,7 @@ class Batcher(Generic[Item, Result]):
                             await asyncio.wait_for(self._arrived.wait(), close_at - now)
                         except TimeoutError:
                             break
-                batch = self._take(loop.time())
+                batch = self._take(time.monotonic())
                 if batch:
                     return batch
 
@@ -380,7 +380,7 @@ class Batcher(Generic[Item, Result]):
             items = [item for pending, start, stop in batch for item in pending.items[start:stop]]
         size = len(items)
         stats.in_flight += size
-        began = loop.time()
+        began = time.monotonic()
         results: Sequence[Result] | None = None
         error: BatchingError | None = None
         try:
@@ -394,7 +394,7 @@ class Batcher(Generic[Item, Result]):
                 error = BatchFailed(f"the model failed: {type(exc).__name__}: {exc}")
                 error.__cause__ = exc
                 logger.warning("%s: batch of %d failed: %r", self.name, size, exc)
-            seconds = loop.time() - began
+            seconds = time.monotonic() - began
             self._batch_seconds = seconds if not stats.batches else 0.9 * self._batch_seconds + 0.1 * seconds
             stats.batches += 1
             stats.items += size

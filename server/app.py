@@ -1,0 +1,62 @@
+"""The ASGI application: ``create_app(settings)``.
+
+Its lifespan loads, warms up and starts every model of the repository, and
+drains their batchers on shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from server import v2
+from server.errors import http_error
+from server.metrics import CONTENT_TYPE, Metrics
+from server.models import ModelSet
+from server.settings import Settings
+
+logger = logging.getLogger("carpool.server")
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+    models = ModelSet(settings.models_dir, settings.torch_threads)
+    metrics = Metrics(models)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await models.start(metrics.listener)
+        try:
+            yield
+        finally:
+            await models.aclose(settings.drain_timeout)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    async def http_exception(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        message = {404: f"no route {request.url.path}; see GET /v2", 405: f"{request.method} is not allowed here"}
+        return v2.JSONResponse({"error": message.get(exc.status_code, exc.detail)}, status_code=exc.status_code)
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        error = http_error(exc)
+        return Response(error.body, error.status, dict((k.decode(), v.decode()) for k, v in error.headers), media_type="application/json")
+
+    routes = [*v2.routes(models, metrics, settings.max_body_bytes), Route("/metrics", metrics_endpoint, methods=["GET"])]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_exception, Exception: server_error},
+    )
+    app.state.models = models
+    app.state.metrics = metrics
+    app.state.settings = settings
+    return app

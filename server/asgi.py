@@ -1,0 +1,103 @@
+"""Raw ASGI plumbing for the hot path: no Request/Response objects.
+
+The infer route reads its body from ``receive()`` itself (so a declared
+Content-Length over the limit is refused before a byte of the body is read)
+and sends its answer with two ``send()`` calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from server.errors import BadRequest, PayloadTooLarge
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+JSON = b"application/json"
+OCTETS = b"application/octet-stream"
+
+
+class ClientGone(Exception):
+    """The client disconnected before it could be answered."""
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of a request header (``name`` in lower case)."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value  # type: ignore[no-any-return]
+    return None
+
+
+def int_header(scope: Scope, name: bytes) -> int | None:
+    value = header(scope, name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise BadRequest(f"header {name.decode()} must be an integer") from None
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    declared = int_header(scope, b"content-length")
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(f"the body is {declared} bytes; this server takes at most {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone("the client disconnected while sending its body")
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body is over {limit} bytes, the most this server takes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def respond(send: Send, status: int, body: bytes, headers: Headers = (), content_type: bytes = JSON) -> None:  # type: ignore[assignment]
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type), (b"content-length", b"%d" % len(body)), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class DisconnectWatch:
+    """Cancels the awaiting task if the client goes away before its answer.
+
+    Once the body is read, uvicorn's ``receive()`` only returns when the
+    client disconnects; a cancelled ``submit`` takes the request's items out
+    of the queue before they are computed.
+    """
+
+    __slots__ = ("_task", "_watch", "gone")
+
+    def __init__(self, receive: Receive) -> None:
+        self.gone = False
+        self._task = asyncio.current_task()
+        self._watch = asyncio.ensure_future(receive())
+        self._watch.add_done_callback(self._on_message)
+
+    def _on_message(self, watch: asyncio.Future[Message]) -> None:
+        if watch.cancelled() or watch.exception() is not None:
+            return
+        if watch.result()["type"] == "http.disconnect" and self._task is not None:
+            self.gone = True
+            self._task.cancel()
+
+    def close(self) -> None:
+        self._watch.remove_done_callback(self._on_message)
+        self._watch.cancel()

@@ -1,0 +1,80 @@
+"""Errors the server answers with, and the one place they become HTTP.
+
+    ServerError                  (500 unless a subclass says otherwise)
+     ├── BadRequest         400  malformed body, wrong input name/datatype/shape
+     ├── NotFound           404  unknown model or route
+     ├── PayloadTooLarge    413  body over the configured limit
+     └── NotReady           503  the model is still loading or is draining
+
+The batcher's own errors (``batching.errors``) are mapped here too:
+Overloaded and Closed are 503 with ``Retry-After``, DeadlineExceeded is 504,
+BatchFailed is 500 (422 when traced to one item). Anything else is our bug:
+500 with no detail for the client, the traceback in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import orjson
+
+from batching import BatchFailed, Cancelled, Closed, DeadlineExceeded, Overloaded
+
+logger = logging.getLogger("carpool.server")
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class ServerError(Exception):
+    status = 500
+
+
+class BadRequest(ServerError):
+    status = 400
+
+
+class NotFound(ServerError):
+    status = 404
+
+
+class PayloadTooLarge(ServerError):
+    status = 413
+
+
+class NotReady(ServerError):
+    status = 503
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorResponse:
+    status: int
+    body: bytes
+    headers: Headers
+    reason: str  # the outcome label in /metrics
+
+
+def http_error(exc: BaseException) -> ErrorResponse:
+    """The answer for an exception: status, JSON body, extra headers, reason."""
+    headers: Headers = []
+    message = str(exc)
+    if isinstance(exc, ServerError):
+        status, reason = exc.status, _REASONS.get(exc.status, "invalid")
+    elif isinstance(exc, Overloaded):
+        status, reason = 503, "overloaded"
+        headers.append((b"retry-after", b"%d" % exc.retry_after))
+    elif isinstance(exc, Closed | Cancelled):
+        status, reason = 503, "shutting_down"
+        headers.append((b"retry-after", b"1"))
+    elif isinstance(exc, DeadlineExceeded):
+        status, reason = 504, "deadline_exceeded"
+    elif isinstance(exc, BatchFailed):
+        status, reason = (422 if exc.item_error else 500), "model_error"
+    else:
+        logger.error("unhandled error", exc_info=exc)
+        status, reason = 500, "internal"
+        message = "internal server error; the server log has the details"
+    return ErrorResponse(status, orjson.dumps({"error": message}), headers, reason)
+
+
+_REASONS = {404: "not_found", 413: "too_large", 503: "not_ready"}

@@ -1,0 +1,117 @@
+"""The plain-tensor kind: a network class from the model folder plus weights.
+
+    [options]
+    module = "model.py"          # a file in the model folder
+    class = "DigitsNet"          # an nn.Module subclass in it
+    weights = "model.safetensors"
+    kwargs = {}                  # passed to the class
+    half = false                 # FP16 on CUDA
+
+Each input becomes one tensor of shape [batch, *item_shape]; ``forward``
+takes them in the declared order and returns one tensor (the single output)
+or a dict of tensors keyed by output name.
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import Any
+
+import torch
+
+from server.codec import InferRequest
+from server.kinds.base import BatchFn, ModelKind, Result, import_file, option, to_device
+from server.repository import ConfigError, ModelConfig
+from server.weights import load_state_dict
+
+_TORCH = {
+    "BOOL": torch.bool, "UINT8": torch.uint8, "INT8": torch.int8, "INT16": torch.int16,
+    "INT32": torch.int32, "INT64": torch.int64, "FP16": torch.float16,
+    "FP32": torch.float32, "FP64": torch.float64,
+}
+# array typecodes for building a batch tensor from Python numbers in one C loop
+_ARRAY = {"INT8": "b", "UINT8": "B", "INT16": "h", "INT32": "i", "INT64": "q", "FP32": "f", "FP64": "d"}
+
+Row = tuple[list[Any], ...]
+
+
+class TensorKind(ModelKind[Row]):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        for spec in config.inputs:
+            if spec.datatype == "BYTES" or -1 in spec.item_shape:
+                raise ConfigError(
+                    f"{config.folder}: the tensor kind needs numeric inputs of fixed item shape; "
+                    f"{spec.name!r} is {spec.datatype} {list(spec.shape)}"
+                )
+        self._sizes = [max(1, _prod(spec.item_shape)) for spec in config.inputs]
+
+    def split(self, request: InferRequest) -> list[Row]:
+        columns = [request.columns[spec.name] for spec in self.config.inputs]
+        sizes = self._sizes
+        return [
+            tuple(column[i * size : (i + 1) * size] for column, size in zip(columns, sizes, strict=True))
+            for i in range(request.count)
+        ]
+
+    def example(self) -> Row:
+        return tuple([False if s.datatype == "BOOL" else 0] * n for s, n in zip(self.config.inputs, self._sizes, strict=True))
+
+    def load(self, device: torch.device) -> BatchFn[Row]:
+        config = self.config
+        module = import_file(config.folder / option(config, "module", str), f"carpool_models.{config.name}")
+        cls = getattr(module, option(config, "class", str), None)
+        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+            raise ConfigError(f"{config.folder}: options.class is not an nn.Module in options.module")
+        net = cls(**option(config, "kwargs", dict, {}))
+        net.load_state_dict(load_state_dict(config.folder / option(config, "weights", str)))
+        half = option(config, "half", bool, False) and device.type == "cuda"
+        net = net.eval().to(device)
+        if half:
+            net = net.half()
+        specs = config.inputs
+        outputs = [spec.name for spec in config.outputs]
+
+        def run(rows: list[Row]) -> list[Result]:
+            count = len(rows)
+            with torch.inference_mode():
+                tensors = []
+                for index, spec in enumerate(specs):
+                    tensor = _collate([row[index] for row in rows], spec.datatype)
+                    tensor = to_device(tensor.reshape(count, *spec.item_shape), device)
+                    if half and tensor.is_floating_point():
+                        tensor = tensor.half()
+                    tensors.append(tensor)
+                produced = net(*tensors)
+                named = produced if isinstance(produced, dict) else {outputs[0]: produced}
+                columns = [_to_lists(named[name]) for name in outputs]
+            return [
+                {name: column[i] for name, column in zip(outputs, columns, strict=True)} for i in range(count)
+            ]
+
+        return run
+
+
+def _collate(rows: list[list[Any]], datatype: str) -> torch.Tensor:
+    code = _ARRAY.get(datatype)
+    if code is None:  # BOOL, FP16, UINT16/32/64: rare; let torch convert
+        return torch.tensor([value for row in rows for value in row], dtype=_TORCH.get(datatype, torch.int64))
+    buffer = array(code)
+    for row in rows:
+        buffer.extend(row)
+    return torch.frombuffer(buffer, dtype=_TORCH[datatype]) if buffer else torch.empty(0, dtype=_TORCH[datatype])
+
+
+def _to_lists(tensor: torch.Tensor) -> list[Any]:
+    if tensor.dtype == torch.float16:
+        tensor = tensor.float()
+    result: list[Any] = tensor.cpu().tolist()
+    return result
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    total = 1
+    for dim in shape:
+        total *= dim
+    return total
+

@@ -1,0 +1,101 @@
+"""Prometheus metrics, per model.
+
+Figures the batcher already counts (queue depth, in flight, batches, dropped
+items) are read when /metrics is scraped, so they cost the hot path nothing.
+Histograms are observed once per batch; the request counter once per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from batching import BatchListener
+from server.models import ModelSet
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self, models: ModelSet) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "carpool_requests", "Infer requests answered, by outcome.", ["model", "outcome"],
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "carpool_batch_size", "Items per forward pass.", ["model"],
+            buckets=_SIZE_BUCKETS, registry=self.registry,
+        )
+        self.queue_seconds = Histogram(
+            "carpool_queue_seconds", "Time a request waited in the queue before its first batch ran.",
+            ["model"], buckets=_SECONDS_BUCKETS, registry=self.registry,
+        )
+        self.compute_seconds = Histogram(
+            "carpool_compute_seconds", "Time one batch took in the worker thread.", ["model"],
+            buckets=_SECONDS_BUCKETS, registry=self.registry,
+        )
+        self.registry.register(_BatcherCollector(models))
+        self._counters: dict[tuple[str, str], Any] = {}
+
+    def count(self, model: str, outcome: str) -> None:
+        key = (model, outcome)
+        child = self._counters.get(key)
+        if child is None:
+            child = self._counters[key] = self.requests.labels(model, outcome)
+        child.inc()
+
+    def listener(self, model: str) -> BatchListener:
+        size = self.batch_size.labels(model)
+        queue = self.queue_seconds.labels(model)
+        compute = self.compute_seconds.labels(model)
+
+        def on_batch(items: int, seconds: float, waits: list[float]) -> None:
+            size.observe(items)
+            compute.observe(seconds)
+            for wait in waits:
+                queue.observe(wait)
+
+        return on_batch
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _BatcherCollector(Collector):
+    def __init__(self, models: ModelSet) -> None:
+        self.models = models
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily("carpool_queue_depth", "Items waiting in the queue.", labels=["model"])
+        flight = GaugeMetricFamily("carpool_in_flight", "Items in a running batch.", labels=["model"])
+        ready = GaugeMetricFamily("carpool_model_ready", "1 when the model accepts requests.", labels=["model"])
+        batches = CounterMetricFamily("carpool_batches", "Forward passes run.", labels=["model"])
+        items = CounterMetricFamily("carpool_items", "Items computed.", labels=["model"])
+        failed = CounterMetricFamily("carpool_failed_batches", "Batches whose forward pass failed.", labels=["model"])
+        dropped = CounterMetricFamily(
+            "carpool_dropped_items", "Items never computed, by reason.", labels=["model", "reason"]
+        )
+        kind = CounterMetricFamily("carpool_model", "Counters a model kind keeps (e.g. tokens).", labels=["model", "figure"])
+        for model in self.models:
+            name, stats = model.config.name, model.batcher.stats
+            depth.add_metric([name], stats.queued)
+            flight.add_metric([name], stats.in_flight)
+            ready.add_metric([name], 1.0 if model.ready else 0.0)
+            batches.add_metric([name], stats.batches)
+            items.add_metric([name], stats.items)
+            failed.add_metric([name], stats.failed_batches)
+            for reason, count in stats.dropped.items():
+                dropped.add_metric([name, reason], count)
+            for figure, value in model.kind.figures().items():
+                kind.add_metric([name, figure], value)
+        yield from (depth, flight, ready, batches, items, failed, dropped, kind)

@@ -1,0 +1,157 @@
+"""The model repository: one folder per model, each with a ``model.toml``.
+
+    weights/
+      digits/
+        model.toml        name, kind, inputs, outputs, batching, device
+        model.py          the network's class (for the ``tensor`` kind)
+        model.safetensors its weights
+
+``load_repository(path)`` reads every ``*/model.toml`` below ``path`` into a
+``ModelConfig``; nothing is imported or loaded here, so a bad file is
+reported with its path before any model starts.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DATATYPES = frozenset(
+    {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+     "FP16", "FP32", "FP64", "BYTES"}
+)
+
+
+class ConfigError(Exception):
+    """A model.toml that cannot be served; the message names the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A declared input or output. ``shape[0]`` is the batch axis (-1)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        return self.shape[1:]
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """One model's settings, as written in its model.toml."""
+
+    name: str
+    kind: str
+    folder: Path
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int = 32
+    max_wait_ms: float = 2.0
+    max_queue: int = 256
+    eager: bool = True
+    device: str = "auto"
+    instances: int = 1
+    version: str = "1"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def input(self, name: str) -> TensorSpec | None:
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        return None
+
+    def output(self, name: str) -> TensorSpec | None:
+        for spec in self.outputs:
+            if spec.name == name:
+                return spec
+        return None
+
+
+def load_repository(path: Path) -> list[ModelConfig]:
+    """Every model under ``path``, sorted by name."""
+    if not path.is_dir():
+        raise ConfigError(f"model repository {path} is not a directory")
+    configs = [load_config(toml) for toml in sorted(path.glob("*/model.toml"))]
+    names = [config.name for config in configs]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"two models in {path} are named {name!r}")
+    if not configs:
+        raise ConfigError(f"no */model.toml found under {path}")
+    return configs
+
+
+def load_config(toml: Path) -> ModelConfig:
+    try:
+        raw = tomllib.loads(toml.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{toml}: {exc}") from exc
+    try:
+        return _config(raw, toml.parent)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{toml}: {exc}") from exc
+
+
+_SCALARS = {
+    "max_batch_size": int, "max_wait_ms": (int, float), "max_queue": int, "eager": bool,
+    "device": str, "instances": int, "version": str,
+}
+
+
+def _config(raw: dict[str, Any], folder: Path) -> ModelConfig:
+    known = {"name", "kind", "inputs", "outputs", "options", *_SCALARS}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+    scalars: dict[str, Any] = {}
+    for key, kind in _SCALARS.items():
+        if key in raw:
+            if not isinstance(raw[key], kind) or isinstance(raw[key], bool) != (kind is bool):
+                raise TypeError(f"{key} = {raw[key]!r} has the wrong type")
+            scalars[key] = raw[key]
+    config = ModelConfig(
+        name=_name(raw["name"]),
+        kind=str(raw["kind"]),
+        folder=folder,
+        inputs=tuple(_spec(entry) for entry in raw["inputs"]),
+        outputs=tuple(_spec(entry) for entry in raw["outputs"]),
+        options=dict(raw.get("options", {})),
+        **scalars,
+    )
+    if config.device not in {"auto", "cpu", "cuda"} and not config.device.startswith("cuda:"):
+        raise ValueError(f"device = {config.device!r}; expected auto, cpu, cuda or cuda:N")
+    if min(config.max_batch_size, config.max_queue, config.instances) < 1:
+        raise ValueError("max_batch_size, max_queue and instances must be at least 1")
+    if config.max_wait_ms < 0:
+        raise ValueError("max_wait_ms must not be negative")
+    if not config.inputs or not config.outputs:
+        raise ValueError("a model needs at least one input and one output")
+    return config
+
+
+def _name(value: object) -> str:
+    if not isinstance(value, str) or not value or not all(c.isalnum() or c in "-_." for c in value):
+        raise ValueError(f"name = {value!r}: use letters, digits, '-', '_' and '.'")
+    return value
+
+
+def _spec(entry: dict[str, Any]) -> TensorSpec:
+    name, datatype, shape = str(entry["name"]), str(entry["datatype"]), entry["shape"]
+    if datatype not in DATATYPES:
+        raise ValueError(f"{name}: datatype {datatype!r} is not one of {sorted(DATATYPES)}")
+    if (
+        not isinstance(shape, list)
+        or not shape
+        or shape[0] != -1
+        or not all(isinstance(d, int) and (d > 0 or d == -1) for d in shape)
+    ):
+        raise ValueError(f"{name}: shape {shape!r} must be a list starting with -1 (the batch)")
+    return TensorSpec(name, datatype, tuple(shape))

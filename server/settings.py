@@ -1,0 +1,58 @@
+"""Server settings: typed, explicit, read once.
+
+Defaults live in the dataclass signature; ``Settings.from_env`` is the one
+place that reads the environment (``CARPOOL_*``), and the CLI overrides what
+it is given on top of that.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+def _default_torch_threads() -> int:
+    # Leave one core to the event loop: on small machines torch's intra-op
+    # threads and the loop otherwise compete for every core.
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the server is configured by, besides each model's model.toml."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    models_dir: Path = Path("weights")
+    torch_threads: int = _default_torch_threads()
+    max_body_bytes: int = 16 * 1024 * 1024
+    drain_timeout: float = 20.0
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: Any) -> Settings:
+        """Settings from ``CARPOOL_<FIELD>`` variables, then ``overrides``
+        (``None`` values in overrides are ignored)."""
+        values: dict[str, Any] = {}
+        for spec in fields(cls):
+            raw = environ.get(f"CARPOOL_{spec.name.upper()}")
+            if raw is not None and raw != "":
+                values[spec.name] = _parse(spec.name, raw, type(getattr(cls(), spec.name)))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return replace(cls(), **values)
+
+
+def _parse(name: str, raw: str, kind: type) -> Any:
+    try:
+        if kind is Path:
+            return Path(raw)
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ValueError(f"CARPOOL_{name.upper()}={raw!r} is not a valid {kind.__name__}") from None

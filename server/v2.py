@@ -1,0 +1,141 @@
+"""Open Inference Protocol v2 routes: health, metadata and infer.
+
+``POST /v2/models/{name}/infer`` is a raw ASGI endpoint: parse and validate
+(400 before anything is queued), split into items, submit them to the
+model's batcher, and answer with the joined results plus timing headers that
+show the batch each request rode in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+import server
+from server.asgi import OCTETS, ClientGone, DisconnectWatch, Receive, Scope, Send, int_header, read_body, respond
+from server.codec import decode_request, encode_response
+from server.errors import NotFound, http_error
+from server.metrics import Metrics
+from server.models import ModelSet, ServedModel
+
+EXTENSIONS = ["binary_tensor_data", "statistics"]
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def routes(models: ModelSet, metrics: Metrics, max_body_bytes: int) -> list[BaseRoute]:
+    def model_for(request: Request) -> ServedModel:
+        model = models.get(request.path_params["name"])
+        version = request.path_params.get("version")
+        if model is None or (version is not None and version != model.config.version):
+            raise NotFound(_unknown(models, request.path_params["name"], version))
+        return model
+
+    async def server_metadata(request: Request) -> Response:
+        return JSONResponse({"name": "carpool", "version": server.__version__, "extensions": EXTENSIONS})
+
+    async def live(request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(request: Request) -> Response:
+        is_ready = models.ready
+        return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+
+    async def model_metadata(request: Request) -> Response:
+        config = model_for(request).config
+        return JSONResponse(
+            {
+                "name": config.name,
+                "versions": [config.version],
+                "platform": "pytorch",
+                "inputs": [spec.metadata() for spec in config.inputs],
+                "outputs": [spec.metadata() for spec in config.outputs],
+            }
+        )
+
+    async def model_ready(request: Request) -> Response:
+        is_ready = model_for(request).ready
+        return JSONResponse({"name": request.path_params["name"], "ready": is_ready}, status_code=200 if is_ready else 503)
+
+    infer = InferEndpoint(models, metrics, max_body_bytes)
+    versioned = "/v2/models/{name}/versions/{version}"
+    return [
+        Route("/v2", server_metadata, methods=["GET"]),
+        Route("/v2/health/live", live, methods=["GET"]),
+        Route("/v2/health/ready", ready, methods=["GET"]),
+        Route("/v2/models/{name}", model_metadata, methods=["GET"]),
+        Route(versioned, model_metadata, methods=["GET"]),
+        Route("/v2/models/{name}/ready", model_ready, methods=["GET"]),
+        Route(versioned + "/ready", model_ready, methods=["GET"]),
+        Route("/v2/models/{name}/infer", infer, methods=["POST"]),
+        Route(versioned + "/infer", infer, methods=["POST"]),
+    ]
+
+
+def _unknown(models: ModelSet, name: str, version: str | None) -> str:
+    served = sorted(model.config.name for model in models)
+    if version is not None and models.get(name) is not None:
+        return f"model {name!r} has no version {version!r}"
+    return f"unknown model {name!r}; this server serves {served}"
+
+
+class InferEndpoint:
+    """``POST /v2/models/{name}[/versions/{v}]/infer``, as raw ASGI."""
+
+    def __init__(self, models: ModelSet, metrics: Metrics, max_body_bytes: int) -> None:
+        self.models = models
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        params = scope["path_params"]
+        name: str = params["name"]
+        model = self.models.get(name)
+        watch: DisconnectWatch | None = None
+        try:
+            if model is None or params.get("version", model.config.version) != model.config.version:
+                raise NotFound(_unknown(self.models, name, params.get("version")))
+            body = await read_body(scope, receive, self.max_body_bytes)
+            request = decode_request(body, model.config, int_header(scope, b"inference-header-content-length"))
+            items = model.kind.split(request)
+            watch = DisconnectWatch(receive)
+            completion = await model.batcher.submit_many(items)
+            watch.close()
+            watch = None
+            payload, header_length = encode_response(model.config, request, completion.results)
+            headers = [
+                (b"x-carpool-queue-ms", b"%.3f" % (completion.queue_seconds * 1000)),
+                (b"x-carpool-compute-ms", b"%.3f" % (completion.compute_seconds * 1000)),
+                (b"x-carpool-batch-size", b"%d" % completion.batch_size),
+            ]
+            if header_length is None:
+                await respond(send, 200, payload, headers)
+            else:
+                headers.append((b"inference-header-content-length", b"%d" % header_length))
+                await respond(send, 200, payload, headers, OCTETS)
+            self.metrics.count(name, "ok")
+        except ClientGone:
+            self.metrics.count(name, "cancelled")
+        except asyncio.CancelledError:
+            if watch is None or not watch.gone:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            self.metrics.count(name, "cancelled")
+        except Exception as exc:
+            error = http_error(exc)
+            if model is not None:
+                self.metrics.count(name, error.reason)
+            await respond(send, error.status, error.body, error.headers)
+        finally:
+            if watch is not None:
+                watch.close()
