@@ -25,6 +25,7 @@ the loop keeps serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -88,7 +89,13 @@ class BatcherStats:
     failed_batches: int = 0
     loop_errors: int = 0
     dropped: dict[str, int] = field(
-        default_factory=lambda: {"overloaded": 0, "deadline": 0, "cancelled": 0, "closed": 0, "failed": 0}
+        default_factory=lambda: {
+            "overloaded": 0,
+            "deadline": 0,
+            "cancelled": 0,
+            "closed": 0,
+            "failed": 0,
+        }
     )
 
 
@@ -101,8 +108,17 @@ class _Pending(Generic[Item, Result]):
     """One caller's items on their way through the queue."""
 
     __slots__ = (
-        "items", "future", "results", "next", "remaining", "enqueued",
-        "started", "deadline", "timer", "compute", "batch_size",
+        "batch_size",
+        "compute",
+        "deadline",
+        "enqueued",
+        "future",
+        "items",
+        "next",
+        "remaining",
+        "results",
+        "started",
+        "timer",
     )
 
     def __init__(
@@ -194,7 +210,9 @@ class Batcher(Generic[Item, Result]):
             await asyncio.gather(*self._tasks, return_exceptions=True)
         while self._queue:
             pending = self._queue.popleft()
-            self._fail(pending, Cancelled(f"{self.name} shut down before this request ran"), "closed")
+            self._fail(
+                pending, Cancelled(f"{self.name} shut down before this request ran"), "closed"
+            )
         self.stats.queued = 0
         for executor in self._executors:
             executor.shutdown(wait=False, cancel_futures=True)
@@ -263,10 +281,8 @@ class Batcher(Generic[Item, Result]):
         if undispatched == 0:
             return  # everything is already in a batch; its results are dropped
         if pending.next == 0:
-            try:
+            with contextlib.suppress(ValueError):  # already taken by the gatherer
                 self._queue.remove(pending)
-            except ValueError:
-                pass
         # A partly dispatched request stays at the head; ``next`` at the end
         # makes the gatherer skip it.
         pending.next = len(pending.items)
@@ -395,13 +411,17 @@ class Batcher(Generic[Item, Result]):
                 error.__cause__ = exc
                 logger.warning("%s: batch of %d failed: %r", self.name, size, exc)
             seconds = time.monotonic() - began
-            self._batch_seconds = seconds if not stats.batches else 0.9 * self._batch_seconds + 0.1 * seconds
+            self._batch_seconds = (
+                seconds if not stats.batches else 0.9 * self._batch_seconds + 0.1 * seconds
+            )
             stats.batches += 1
             stats.items += size
             if error is not None or results is None:
                 stats.failed_batches += 1
                 for pending, _, _ in batch:
-                    self._fail(pending, error or BatchFailed("the model returned nothing"), "failed")
+                    self._fail(
+                        pending, error or BatchFailed("the model returned nothing"), "failed"
+                    )
             else:
                 self._deliver(batch, results, size, seconds)
             if self._on_batch is not None:

@@ -43,14 +43,27 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     async def http_exception(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        message = {404: f"no route {request.url.path}; see GET /v2", 405: f"{request.method} is not allowed here"}
-        return v2.JSONResponse({"error": message.get(exc.status_code, exc.detail)}, status_code=exc.status_code)
+        message = {
+            404: f"no route {request.url.path}; see GET /v2",
+            405: f"{request.method} is not allowed here",
+        }
+        return v2.JSONResponse(
+            {"error": message.get(exc.status_code, exc.detail)}, status_code=exc.status_code
+        )
 
     async def server_error(request: Request, exc: Exception) -> Response:
         error = http_error(exc)
-        return Response(error.body, error.status, dict((k.decode(), v.decode()) for k, v in error.headers), media_type="application/json")
+        return Response(
+            error.body,
+            error.status,
+            dict((k.decode(), v.decode()) for k, v in error.headers),
+            media_type="application/json",
+        )
 
-    routes = [*v2.routes(models, metrics, settings.max_body_bytes), Route("/metrics", metrics_endpoint, methods=["GET"])]
+    routes = [
+        *v2.routes(models, metrics, settings.max_body_bytes),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ]
     app = Starlette(
         routes=routes,
         lifespan=lifespan,

@@ -64,12 +64,22 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def respond(send: Send, status: int, body: bytes, headers: Headers = (), content_type: bytes = JSON) -> None:  # type: ignore[assignment]
+async def respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    headers: Headers | None = None,
+    content_type: bytes = JSON,
+) -> None:
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", content_type), (b"content-length", b"%d" % len(body)), *headers],
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", b"%d" % len(body)),
+                *(headers or ()),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})

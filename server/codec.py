@@ -28,15 +28,28 @@ from server.repository import ModelConfig, TensorSpec
 
 _FLOAT_MAX = {"FP16": 65504.0, "FP32": 3.4028234663852886e38, "FP64": math.inf}
 _INT_RANGE = {
-    "INT8": (-(2**7), 2**7 - 1), "INT16": (-(2**15), 2**15 - 1),
-    "INT32": (-(2**31), 2**31 - 1), "INT64": (-(2**63), 2**63 - 1),
-    "UINT8": (0, 2**8 - 1), "UINT16": (0, 2**16 - 1),
-    "UINT32": (0, 2**32 - 1), "UINT64": (0, 2**64 - 1),
+    "INT8": (-(2**7), 2**7 - 1),
+    "INT16": (-(2**15), 2**15 - 1),
+    "INT32": (-(2**31), 2**31 - 1),
+    "INT64": (-(2**63), 2**63 - 1),
+    "UINT8": (0, 2**8 - 1),
+    "UINT16": (0, 2**16 - 1),
+    "UINT32": (0, 2**32 - 1),
+    "UINT64": (0, 2**64 - 1),
 }
 _STRUCT = {
-    "BOOL": "?", "INT8": "b", "INT16": "h", "INT32": "i", "INT64": "q",
-    "UINT8": "B", "UINT16": "H", "UINT32": "I", "UINT64": "Q",
-    "FP16": "e", "FP32": "f", "FP64": "d",
+    "BOOL": "?",
+    "INT8": "b",
+    "INT16": "h",
+    "INT32": "i",
+    "INT64": "q",
+    "UINT8": "B",
+    "UINT16": "H",
+    "UINT32": "I",
+    "UINT64": "Q",
+    "FP16": "e",
+    "FP32": "f",
+    "FP64": "d",
 }
 _NUMBER = frozenset({int, float})
 _INT = frozenset({int})
@@ -57,7 +70,9 @@ class InferRequest:
     parameters: dict[str, Any]
 
 
-def decode_request(body: bytes, config: ModelConfig, header_length: int | None = None) -> InferRequest:
+def decode_request(
+    body: bytes, config: ModelConfig, header_length: int | None = None
+) -> InferRequest:
     binary: memoryview | None = None
     if header_length is not None:
         if not 0 < header_length <= len(body):
@@ -73,14 +88,18 @@ def decode_request(body: bytes, config: ModelConfig, header_length: int | None =
     if type(doc) is not dict:
         raise BadRequest('the body must be a JSON object: {"inputs": [...]}')
     if not doc.keys() <= _REQUEST_KEYS:
-        raise BadRequest(f"unknown fields {sorted(doc.keys() - _REQUEST_KEYS)}; expected {sorted(_REQUEST_KEYS)}")
+        raise BadRequest(
+            f"unknown fields {sorted(doc.keys() - _REQUEST_KEYS)}; expected {sorted(_REQUEST_KEYS)}"
+        )
     request_id = doc.get("id")
     if request_id is not None and type(request_id) is not str:
         raise BadRequest('"id" must be a string')
     parameters = _parameters(doc.get("parameters"), "parameters")
     inputs = doc.get("inputs")
     if type(inputs) is not list or not inputs:
-        raise BadRequest(f'"inputs" must be a non-empty list; model {config.name!r} takes {_names(config.inputs)}')
+        raise BadRequest(
+            f'"inputs" must be a non-empty list; model {config.name!r} takes {_names(config.inputs)}'
+        )
     columns: dict[str, list[Any]] = {}
     count = -1
     offset = 0
@@ -91,7 +110,9 @@ def decode_request(body: bytes, config: ModelConfig, header_length: int | None =
         if count == -1:
             count = shape[0]
         elif shape[0] != count:
-            raise BadRequest(f"input {spec.name!r} has {shape[0]} items, an earlier input has {count}")
+            raise BadRequest(
+                f"input {spec.name!r} has {shape[0]} items, an earlier input has {count}"
+            )
         size = math.prod(shape)
         params = _parameters(entry.get("parameters"), f"inputs[{position}].parameters")
         binary_size = params.get("binary_data_size")
@@ -118,9 +139,13 @@ def decode_request(body: bytes, config: ModelConfig, header_length: int | None =
         columns[spec.name] = data
     missing = [spec.name for spec in config.inputs if spec.name not in columns]
     if missing:
-        raise BadRequest(f"missing inputs {missing}; model {config.name!r} takes {_names(config.inputs)}")
+        raise BadRequest(
+            f"missing inputs {missing}; model {config.name!r} takes {_names(config.inputs)}"
+        )
     if binary is not None and offset != len(binary):
-        raise BadRequest(f"the body has {len(binary) - offset} bytes of binary data that no input claims")
+        raise BadRequest(
+            f"the body has {len(binary) - offset} bytes of binary data that no input claims"
+        )
     outputs, binary_outputs = _requested_outputs(doc.get("outputs"), config, parameters)
     return InferRequest(request_id, count, columns, outputs, binary_outputs, parameters)
 
@@ -167,13 +192,19 @@ def _parameters(value: object, where: str) -> dict[str, Any]:
     return value
 
 
-def _input_header(entry: object, position: int, config: ModelConfig) -> tuple[TensorSpec, list[int]]:
+def _input_header(
+    entry: object, position: int, config: ModelConfig
+) -> tuple[TensorSpec, list[int]]:
     if type(entry) is not dict:
-        raise BadRequest(f"inputs[{position}] must be an object with name, datatype, shape and data")
+        raise BadRequest(
+            f"inputs[{position}] must be an object with name, datatype, shape and data"
+        )
     name = entry.get("name")
     spec = config.input(name) if type(name) is str else None
     if spec is None:
-        raise BadRequest(f"inputs[{position}]: unknown input {name!r}; model {config.name!r} takes {_names(config.inputs)}")
+        raise BadRequest(
+            f"inputs[{position}]: unknown input {name!r}; model {config.name!r} takes {_names(config.inputs)}"
+        )
     datatype = entry.get("datatype")
     if datatype != spec.datatype:
         raise BadRequest(f"input {spec.name!r}: datatype {datatype!r}, expected {spec.datatype!r}")
@@ -197,7 +228,9 @@ def _flatten(name: str, data: list[Any], shape: list[int]) -> list[Any]:
         if not data or type(data[0]) is not list:
             return data  # already flat (or ragged: the count check says so)
         if not all(type(row) is list and len(row) == dim for row in data):
-            raise BadRequest(f"input {name!r}: nested data does not match the shape {shape} at depth {depth}")
+            raise BadRequest(
+                f"input {name!r}: nested data does not match the shape {shape} at depth {depth}"
+            )
         data = list(chain.from_iterable(data))
     return data
 
@@ -207,25 +240,40 @@ def _check_values(spec: TensorSpec, data: list[Any]) -> None:
     types = set(map(type, data))
     if datatype in _FLOAT_MAX:
         if not types <= _NUMBER:
-            raise BadRequest(f"input {spec.name!r}: {datatype} data must be numbers, found {_type_names(types - _NUMBER)}")
+            raise BadRequest(
+                f"input {spec.name!r}: {datatype} data must be numbers, found {_type_names(types - _NUMBER)}"
+            )
         limit = _FLOAT_MAX[datatype]
         if data and (max(data) > limit or min(data) < -limit):
             raise BadRequest(f"input {spec.name!r}: a value is outside the {datatype} range")
     elif datatype in _INT_RANGE:
         if not types <= _INT:
-            raise BadRequest(f"input {spec.name!r}: {datatype} data must be integers, found {_type_names(types - _INT)}")
+            raise BadRequest(
+                f"input {spec.name!r}: {datatype} data must be integers, found {_type_names(types - _INT)}"
+            )
         low, high = _INT_RANGE[datatype]
         if data and (min(data) < low or max(data) > high):
-            raise BadRequest(f"input {spec.name!r}: a value is outside the {datatype} range [{low}, {high}]")
+            raise BadRequest(
+                f"input {spec.name!r}: a value is outside the {datatype} range [{low}, {high}]"
+            )
     elif datatype == "BOOL":
         if not types <= _BOOL:
             raise BadRequest(f"input {spec.name!r}: BOOL data must be true or false")
     elif not types <= _STR:
-        raise BadRequest(f"input {spec.name!r}: BYTES data must be strings, found {_type_names(types - _STR)}")
+        raise BadRequest(
+            f"input {spec.name!r}: BYTES data must be strings, found {_type_names(types - _STR)}"
+        )
 
 
 def _type_names(types: set[type]) -> str:
-    names = {int: "integer", float: "number", str: "string", bool: "boolean", list: "list", dict: "object"}
+    names = {
+        int: "integer",
+        float: "number",
+        str: "string",
+        bool: "boolean",
+        list: "list",
+        dict: "object",
+    }
     return ", ".join(sorted(names.get(t, "null" if t is type(None) else t.__name__) for t in types))
 
 
@@ -281,8 +329,12 @@ def _requested_outputs(
         name = entry.get("name") if type(entry) is dict else None
         spec = config.output(name) if type(name) is str else None
         if spec is None:
-            raise BadRequest(f"unknown output {name!r}; model {config.name!r} gives {_names(config.outputs)}")
-        wants = _parameters(entry.get("parameters"), "outputs[].parameters").get("binary_data", binary_default)
+            raise BadRequest(
+                f"unknown output {name!r}; model {config.name!r} gives {_names(config.outputs)}"
+            )
+        wants = _parameters(entry.get("parameters"), "outputs[].parameters").get(
+            "binary_data", binary_default
+        )
         if wants is True:
             binary.add(spec.name)
         specs.append(spec)

@@ -19,27 +19,55 @@ from server.models import ModelSet
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_SECONDS_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+)
 
 
 class Metrics:
     def __init__(self, models: ModelSet) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "carpool_requests", "Infer requests answered, by outcome.", ["model", "outcome"],
+            "carpool_requests",
+            "Infer requests answered, by outcome.",
+            ["model", "outcome"],
             registry=self.registry,
         )
         self.batch_size = Histogram(
-            "carpool_batch_size", "Items per forward pass.", ["model"],
-            buckets=_SIZE_BUCKETS, registry=self.registry,
+            "carpool_batch_size",
+            "Items per forward pass.",
+            ["model"],
+            buckets=_SIZE_BUCKETS,
+            registry=self.registry,
         )
         self.queue_seconds = Histogram(
-            "carpool_queue_seconds", "Time a request waited in the queue before its first batch ran.",
-            ["model"], buckets=_SECONDS_BUCKETS, registry=self.registry,
+            "carpool_queue_seconds",
+            "Time a request waited in the queue before its first batch ran.",
+            ["model"],
+            buckets=_SECONDS_BUCKETS,
+            registry=self.registry,
         )
         self.compute_seconds = Histogram(
-            "carpool_compute_seconds", "Time one batch took in the worker thread.", ["model"],
-            buckets=_SECONDS_BUCKETS, registry=self.registry,
+            "carpool_compute_seconds",
+            "Time one batch took in the worker thread.",
+            ["model"],
+            buckets=_SECONDS_BUCKETS,
+            registry=self.registry,
         )
         self.registry.register(_BatcherCollector(models))
         self._counters: dict[tuple[str, str], Any] = {}
@@ -76,16 +104,28 @@ class _BatcherCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
-        depth = GaugeMetricFamily("carpool_queue_depth", "Items waiting in the queue.", labels=["model"])
-        flight = GaugeMetricFamily("carpool_in_flight", "Items in a running batch.", labels=["model"])
-        ready = GaugeMetricFamily("carpool_model_ready", "1 when the model accepts requests.", labels=["model"])
+        depth = GaugeMetricFamily(
+            "carpool_queue_depth", "Items waiting in the queue.", labels=["model"]
+        )
+        flight = GaugeMetricFamily(
+            "carpool_in_flight", "Items in a running batch.", labels=["model"]
+        )
+        ready = GaugeMetricFamily(
+            "carpool_model_ready", "1 when the model accepts requests.", labels=["model"]
+        )
         batches = CounterMetricFamily("carpool_batches", "Forward passes run.", labels=["model"])
         items = CounterMetricFamily("carpool_items", "Items computed.", labels=["model"])
-        failed = CounterMetricFamily("carpool_failed_batches", "Batches whose forward pass failed.", labels=["model"])
+        failed = CounterMetricFamily(
+            "carpool_failed_batches", "Batches whose forward pass failed.", labels=["model"]
+        )
         dropped = CounterMetricFamily(
             "carpool_dropped_items", "Items never computed, by reason.", labels=["model", "reason"]
         )
-        kind = CounterMetricFamily("carpool_model", "Counters a model kind keeps (e.g. tokens).", labels=["model", "figure"])
+        kind = CounterMetricFamily(
+            "carpool_model",
+            "Counters a model kind keeps (e.g. tokens).",
+            labels=["model", "figure"],
+        )
         for model in self.models:
             name, stats = model.config.name, model.batcher.stats
             depth.add_metric([name], stats.queued)

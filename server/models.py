@@ -72,12 +72,18 @@ class ModelSet:
                 max_queue=config.max_queue,
                 eager=config.eager,
             )
-            batcher: Batcher[Any, Result] = Batcher(fns, policy, name=config.name, on_batch=listener)
+            batcher: Batcher[Any, Result] = Batcher(
+                fns, policy, name=config.name, on_batch=listener
+            )
             batcher.start()
             self._models[config.name] = ServedModel(config, kind, batcher, device)
             logger.info(
                 "model %s ready: kind %s, %d instance(s) on %s, batches of up to %d",
-                config.name, config.kind, config.instances, device, config.max_batch_size,
+                config.name,
+                config.kind,
+                config.instances,
+                device,
+                config.max_batch_size,
             )
         self.loaded = True
 

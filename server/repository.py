@@ -19,8 +19,21 @@ from pathlib import Path
 from typing import Any
 
 DATATYPES = frozenset(
-    {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-     "FP16", "FP32", "FP64", "BYTES"}
+    {
+        "BOOL",
+        "UINT8",
+        "UINT16",
+        "UINT32",
+        "UINT64",
+        "INT8",
+        "INT16",
+        "INT32",
+        "INT64",
+        "FP16",
+        "FP32",
+        "FP64",
+        "BYTES",
+    }
 )
 
 
@@ -100,9 +113,14 @@ def load_config(toml: Path) -> ModelConfig:
         raise ConfigError(f"{toml}: {exc}") from exc
 
 
-_SCALARS = {
-    "max_batch_size": int, "max_wait_ms": (int, float), "max_queue": int, "eager": bool,
-    "device": str, "instances": int, "version": str,
+_SCALARS: dict[str, type | tuple[type, ...]] = {
+    "max_batch_size": int,
+    "max_wait_ms": (int, float),
+    "max_queue": int,
+    "eager": bool,
+    "device": str,
+    "instances": int,
+    "version": str,
 }
 
 

@@ -17,7 +17,17 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 import server
-from server.asgi import OCTETS, ClientGone, DisconnectWatch, Receive, Scope, Send, int_header, read_body, respond
+from server.asgi import (
+    OCTETS,
+    ClientGone,
+    DisconnectWatch,
+    Receive,
+    Scope,
+    Send,
+    int_header,
+    read_body,
+    respond,
+)
 from server.codec import decode_request, encode_response
 from server.errors import NotFound, http_error
 from server.metrics import Metrics
@@ -42,7 +52,9 @@ def routes(models: ModelSet, metrics: Metrics, max_body_bytes: int) -> list[Base
         return model
 
     async def server_metadata(request: Request) -> Response:
-        return JSONResponse({"name": "carpool", "version": server.__version__, "extensions": EXTENSIONS})
+        return JSONResponse(
+            {"name": "carpool", "version": server.__version__, "extensions": EXTENSIONS}
+        )
 
     async def live(request: Request) -> Response:
         return JSONResponse({"live": True})
@@ -65,7 +77,10 @@ def routes(models: ModelSet, metrics: Metrics, max_body_bytes: int) -> list[Base
 
     async def model_ready(request: Request) -> Response:
         is_ready = model_for(request).ready
-        return JSONResponse({"name": request.path_params["name"], "ready": is_ready}, status_code=200 if is_ready else 503)
+        return JSONResponse(
+            {"name": request.path_params["name"], "ready": is_ready},
+            status_code=200 if is_ready else 503,
+        )
 
     infer = InferEndpoint(models, metrics, max_body_bytes)
     versioned = "/v2/models/{name}/versions/{version}"
@@ -106,7 +121,9 @@ class InferEndpoint:
             if model is None or params.get("version", model.config.version) != model.config.version:
                 raise NotFound(_unknown(self.models, name, params.get("version")))
             body = await read_body(scope, receive, self.max_body_bytes)
-            request = decode_request(body, model.config, int_header(scope, b"inference-header-content-length"))
+            request = decode_request(
+                body, model.config, int_header(scope, b"inference-header-content-length")
+            )
             items = model.kind.split(request)
             watch = DisconnectWatch(receive)
             completion = await model.batcher.submit_many(items)

@@ -34,7 +34,9 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 f"{path} was refused: it is not a plain tensor checkpoint "
                 f"(only weights load, never code): {exc}"
             ) from exc
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        if not isinstance(state, dict) or not all(
+            isinstance(v, torch.Tensor) for v in state.values()
+        ):
             raise ConfigError(f"{path} does not hold a state dict of tensors")
         return state
     raise ConfigError(f"{path}: weights must be .safetensors (or .pt/.pth, loaded weights-only)")

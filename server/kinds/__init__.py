@@ -23,7 +23,9 @@ KINDS: dict[str, type[ModelKind[Any]]] = {"tensor": TensorKind, "text": TextKind
 
 def make_kind(config: ModelConfig) -> ModelKind[Any]:
     if config.kind == "custom":
-        module = import_file(config.folder / option(config, "module", str), f"carpool_kinds.{config.name}")
+        module = import_file(
+            config.folder / option(config, "module", str), f"carpool_kinds.{config.name}"
+        )
         cls = getattr(module, option(config, "class", str), None)
         if not (isinstance(cls, type) and issubclass(cls, ModelKind)):
             raise ConfigError(f"{config.folder}: options.class is not a ModelKind subclass")

@@ -25,12 +25,26 @@ from server.repository import ConfigError, ModelConfig
 from server.weights import load_state_dict
 
 _TORCH = {
-    "BOOL": torch.bool, "UINT8": torch.uint8, "INT8": torch.int8, "INT16": torch.int16,
-    "INT32": torch.int32, "INT64": torch.int64, "FP16": torch.float16,
-    "FP32": torch.float32, "FP64": torch.float64,
+    "BOOL": torch.bool,
+    "UINT8": torch.uint8,
+    "INT8": torch.int8,
+    "INT16": torch.int16,
+    "INT32": torch.int32,
+    "INT64": torch.int64,
+    "FP16": torch.float16,
+    "FP32": torch.float32,
+    "FP64": torch.float64,
 }
 # array typecodes for building a batch tensor from Python numbers in one C loop
-_ARRAY = {"INT8": "b", "UINT8": "B", "INT16": "h", "INT32": "i", "INT64": "q", "FP32": "f", "FP64": "d"}
+_ARRAY = {
+    "INT8": "b",
+    "UINT8": "B",
+    "INT16": "h",
+    "INT32": "i",
+    "INT64": "q",
+    "FP32": "f",
+    "FP64": "d",
+}
 
 Row = tuple[list[Any], ...]
 
@@ -50,19 +64,29 @@ class TensorKind(ModelKind[Row]):
         columns = [request.columns[spec.name] for spec in self.config.inputs]
         sizes = self._sizes
         return [
-            tuple(column[i * size : (i + 1) * size] for column, size in zip(columns, sizes, strict=True))
+            tuple(
+                column[i * size : (i + 1) * size]
+                for column, size in zip(columns, sizes, strict=True)
+            )
             for i in range(request.count)
         ]
 
     def example(self) -> Row:
-        return tuple([False if s.datatype == "BOOL" else 0] * n for s, n in zip(self.config.inputs, self._sizes, strict=True))
+        return tuple(
+            [False if s.datatype == "BOOL" else 0] * n
+            for s, n in zip(self.config.inputs, self._sizes, strict=True)
+        )
 
     def load(self, device: torch.device) -> BatchFn[Row]:
         config = self.config
-        module = import_file(config.folder / option(config, "module", str), f"carpool_models.{config.name}")
+        module = import_file(
+            config.folder / option(config, "module", str), f"carpool_models.{config.name}"
+        )
         cls = getattr(module, option(config, "class", str), None)
         if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
-            raise ConfigError(f"{config.folder}: options.class is not an nn.Module in options.module")
+            raise ConfigError(
+                f"{config.folder}: options.class is not an nn.Module in options.module"
+            )
         net = cls(**option(config, "kwargs", dict, {}))
         net.load_state_dict(load_state_dict(config.folder / option(config, "weights", str)))
         half = option(config, "half", bool, False) and device.type == "cuda"
@@ -86,7 +110,8 @@ class TensorKind(ModelKind[Row]):
                 named = produced if isinstance(produced, dict) else {outputs[0]: produced}
                 columns = [_to_lists(named[name]) for name in outputs]
             return [
-                {name: column[i] for name, column in zip(outputs, columns, strict=True)} for i in range(count)
+                {name: column[i] for name, column in zip(outputs, columns, strict=True)}
+                for i in range(count)
             ]
 
         return run
@@ -95,11 +120,17 @@ class TensorKind(ModelKind[Row]):
 def _collate(rows: list[list[Any]], datatype: str) -> torch.Tensor:
     code = _ARRAY.get(datatype)
     if code is None:  # BOOL, FP16, UINT16/32/64: rare; let torch convert
-        return torch.tensor([value for row in rows for value in row], dtype=_TORCH.get(datatype, torch.int64))
+        return torch.tensor(
+            [value for row in rows for value in row], dtype=_TORCH.get(datatype, torch.int64)
+        )
     buffer = array(code)
     for row in rows:
         buffer.extend(row)
-    return torch.frombuffer(buffer, dtype=_TORCH[datatype]) if buffer else torch.empty(0, dtype=_TORCH[datatype])
+    return (
+        torch.frombuffer(buffer, dtype=_TORCH[datatype])
+        if buffer
+        else torch.empty(0, dtype=_TORCH[datatype])
+    )
 
 
 def _to_lists(tensor: torch.Tensor) -> list[Any]:
@@ -114,4 +145,3 @@ def _prod(shape: tuple[int, ...]) -> int:
     for dim in shape:
         total *= dim
     return total
-

@@ -35,9 +35,17 @@ _SLACK = 4
 class TextKind(ModelKind[str]):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
-        if len(config.inputs) != 1 or config.inputs[0].datatype != "BYTES" or config.inputs[0].shape != (-1,):
+        if (
+            len(config.inputs) != 1
+            or config.inputs[0].datatype != "BYTES"
+            or config.inputs[0].shape != (-1,)
+        ):
             raise ConfigError(f"{config.folder}: the text kind takes one input, BYTES [-1]")
-        if len(config.outputs) != 1 or config.outputs[0].datatype != "FP32" or len(config.outputs[0].shape) != 2:
+        if (
+            len(config.outputs) != 1
+            or config.outputs[0].datatype != "FP32"
+            or len(config.outputs[0].shape) != 2
+        ):
             raise ConfigError(f"{config.folder}: the text kind gives one output, FP32 [-1, dim]")
         self.source = _source(config)
         self._input = config.inputs[0].name
@@ -60,7 +68,7 @@ class TextKind(ModelKind[str]):
         from transformers import AutoModel
         from transformers.utils import logging as transformers_logging
 
-        transformers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
         config = self.config
         max_length = option(config, "max_length", int, _default_max_length(self.source))
@@ -85,7 +93,8 @@ class TextKind(ModelKind[str]):
                     width = lengths[group[-1]]
                     padded += width * len(group)
                     ids = torch.tensor(
-                        [encodings[i].ids + [0] * (width - lengths[i]) for i in group], dtype=torch.long
+                        [encodings[i].ids + [0] * (width - lengths[i]) for i in group],
+                        dtype=torch.long,
                     )
                     sizes = torch.tensor([lengths[i] for i in group])
                     mask = (torch.arange(width) < sizes.unsqueeze(1)).long()
@@ -118,12 +127,14 @@ def _groups(lengths: list[int]) -> list[list[int]]:
 
 
 def _source(config: ModelConfig) -> Path:
-    source = option(config, "source", str)
+    source: str = option(config, "source", str)
     if source.startswith("package:"):
         package, _, sub = source.removeprefix("package:").partition("/")
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise ConfigError(f"{config.folder}: options.source names package {package!r}, which is not installed")
+            raise ConfigError(
+                f"{config.folder}: options.source names package {package!r}, which is not installed"
+            )
         path = Path(next(iter(spec.submodule_search_locations))) / sub
     else:
         path = config.folder / source
