@@ -33,7 +33,7 @@ from server.errors import NotFound, http_error
 from server.metrics import Metrics
 from server.models import ModelSet, ServedModel
 
-EXTENSIONS = ["binary_tensor_data", "statistics"]
+EXTENSIONS = ["binary_tensor_data"]
 
 
 class JSONResponse(Response):
