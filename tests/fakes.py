@@ -1,0 +1,113 @@
+"""Fake models for tests: a custom kind that doubles numbers and records
+every batch, with optional faults. One model folder per test (tmp_path).
+
+``model_dir(tmp_path, name, **config)`` writes a model.toml (input ``x``
+FP32 [-1, 1], output ``y`` FP32 [-1, 1]) whose handler imports ``EchoKind``
+from this module, so the test process shares its state: ``recorder(name)``
+holds the batches the model ran (each a list of x values) and a ``gate``
+(a threading.Event, open by default) that every forward pass waits on.
+
+Options (model.toml [options]): ``poison`` (a value that makes a forward
+pass raise ValueError), ``oom_above`` (batches larger than this raise
+torch.OutOfMemoryError), ``sleep_ms`` (a fixed delay per batch).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from server.codec import InferRequest
+from server.kinds import BatchFn, ModelKind, Result
+
+
+@dataclass
+class Recorder:
+    batches: list[list[float]] = field(default_factory=list)
+    gate: threading.Event = field(default_factory=threading.Event)
+    entered: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.gate.set()
+
+    @property
+    def computed(self) -> list[float]:
+        with self.lock:
+            return [x for batch in self.batches for x in batch]
+
+
+_RECORDERS: dict[str, Recorder] = {}
+
+
+def recorder(name: str) -> Recorder:
+    return _RECORDERS.setdefault(name, Recorder())
+
+
+class EchoKind(ModelKind[float]):
+    def split(self, request: InferRequest) -> list[float]:
+        return list(request.columns["x"])
+
+    def example(self) -> float:
+        return -1.0
+
+    def load(self, device: torch.device) -> BatchFn[float]:
+        record = recorder(self.config.name)
+        options = self.config.options
+        poison = options.get("poison")
+        oom_above = options.get("oom_above")
+        sleep = options.get("sleep_ms", 0) / 1000
+
+        def run(xs: list[float]) -> Sequence[Result]:
+            if xs == [-1.0]:
+                return [{"y": [-2.0]}]  # the warm-up is not recorded
+            record.entered.set()
+            record.gate.wait()
+            with record.lock:
+                record.batches.append(list(xs))
+            if sleep:
+                time.sleep(sleep)
+            if oom_above is not None and len(xs) > oom_above:
+                raise torch.OutOfMemoryError(f"fake OOM: batch of {len(xs)} > {oom_above}")
+            if poison is not None and poison in xs:
+                raise ValueError(f"poison value {poison} in the batch")
+            return [{"y": [x * 2]} for x in xs]
+
+        return run
+
+
+def model_dir(root: Path, name: str = "echo", **config: Any) -> Path:
+    """A model repository under ``root`` holding one fake model; returns ``root``."""
+    _RECORDERS[name] = Recorder()
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    options = config.pop("options", {})
+    lines = [f'name = "{name}"', 'kind = "custom"', 'device = "cpu"']
+    lines += [f"{key} = {_toml(value)}" for key, value in config.items()]
+    lines += [
+        '[[inputs]]\nname = "x"\ndatatype = "FP32"\nshape = [-1, 1]',
+        '[[outputs]]\nname = "y"\ndatatype = "FP32"\nshape = [-1, 1]',
+        '[options]\nmodule = "handler.py"\nclass = "EchoKind"',
+    ]
+    lines += [f"{key} = {_toml(value)}" for key, value in options.items()]
+    (folder / "model.toml").write_text("\n".join(lines) + "\n")
+    (folder / "handler.py").write_text("from tests.fakes import EchoKind\n")
+    return root
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
+
+
+def infer_body(xs: Sequence[float]) -> dict[str, Any]:
+    return {"inputs": [{"name": "x", "datatype": "FP32", "shape": [len(xs), 1], "data": list(xs)}]}
