@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 
 import pytest
 
 from batching import (
-    BatchFailed,
     Batcher,
+    BatchFailed,
     BatchPolicy,
     Cancelled,
     Closed,
@@ -180,7 +181,7 @@ async def test_an_empty_request_completes_without_running_a_batch() -> None:
 # -- failures ---------------------------------------------------------------
 
 
-async def test_a_raising_batch_fails_every_caller_of_that_batch_and_the_loop_keeps_serving() -> None:
+async def test_a_raising_batch_fails_all_its_callers_and_the_loop_keeps_serving() -> None:
     class ModelError(Exception):
         pass
 
@@ -208,7 +209,7 @@ async def test_a_raising_batch_fails_every_caller_of_that_batch_and_the_loop_kee
         outcomes = await asyncio.gather(*doomed, return_exceptions=True)
         assert await first == 0
         assert await batcher.submit(4) == 8
-        assert await batcher.submit_many([5, 6]) == Completion([10, 12], *_timings(batcher))
+        assert (await batcher.submit_many([5, 6])).results == [10, 12]
     assert batches == [[0], [1, -2, 3], [4], [5, 6]]
     assert len(raised) == 1
     for outcome in outcomes:
@@ -221,11 +222,6 @@ async def test_a_raising_batch_fails_every_caller_of_that_batch_and_the_loop_kee
     assert batcher.stats.batches == 4
     assert batcher.stats.dropped["failed"] == 0  # all three items were in the batch
     assert batcher.stats.loop_errors == 0
-
-
-def _timings(batcher: Batcher[int, int]) -> tuple[float, float, int]:
-    """Placeholder replaced below; see the test for the real comparison."""
-    raise NotImplementedError
 
 
 async def test_a_wrong_number_of_results_fails_every_caller_of_that_batch() -> None:
@@ -290,15 +286,14 @@ async def test_a_cancelled_caller_leaves_the_queue_and_its_items_are_never_compu
             assert batcher.stats.queued == 2
         finally:
             gate.set()
-        assert await asyncio.wait_for(asyncio.gather(first, before, after), timeout=10) == [0, 2, 8]
+        results = await asyncio.wait_for(asyncio.gather(first, before, after), timeout=10)
+        assert list(results) == [0, 2, 8]
     assert batches == [[0], [1, 4]]
     assert batcher.stats.queued == 0
     assert batcher.stats.in_flight == 0
 
 
-async def test_an_item_whose_deadline_passes_in_the_queue_fails_promptly_and_is_never_computed() -> (
-    None
-):
+async def test_a_deadline_passing_in_the_queue_fails_promptly_and_is_never_computed() -> None:
     gate = threading.Event()
     batches: list[list[int]] = []
 
@@ -307,7 +302,6 @@ async def test_an_item_whose_deadline_passes_in_the_queue_fails_promptly_and_is_
         gate.wait()
         return [2 * x for x in items]
 
-    loop = asyncio.get_running_loop()
     policy = BatchPolicy(max_batch_size=8, max_wait=0.001)
     async with Batcher([double], policy) as batcher:
         try:
@@ -315,7 +309,9 @@ async def test_an_item_whose_deadline_passes_in_the_queue_fails_promptly_and_is_
             await eventually(lambda: batcher.stats.in_flight == 1)
             # The gate is still closed, so only the deadline's timer can answer this.
             with pytest.raises(DeadlineExceeded):
-                await asyncio.wait_for(batcher.submit(1, deadline=loop.time() + 0.05), timeout=10)
+                await asyncio.wait_for(
+                    batcher.submit(1, deadline=time.monotonic() + 0.05), timeout=10
+                )
             assert batcher.stats.dropped["deadline"] == 1
             assert batcher.stats.queued == 0
         finally:
@@ -332,9 +328,8 @@ async def test_a_deadline_already_past_raises_at_once_and_queues_nothing() -> No
         batches.append(list(items))
         return [2 * x for x in items]
 
-    loop = asyncio.get_running_loop()
     async with Batcher([double]) as batcher:
-        call = batcher.submit_many([1, 2], deadline=loop.time() - 1.0)
+        call = batcher.submit_many([1, 2], deadline=time.monotonic() - 1.0)
         # It raises before its first suspension: it never reached the queue.
         with pytest.raises(DeadlineExceeded):
             call.send(None)
@@ -568,7 +563,6 @@ async def test_every_caller_gets_exactly_one_outcome_under_a_random_mix() -> Non
         submitted += len(items)
         return await batcher.submit_many(items, deadline)
 
-    loop = asyncio.get_running_loop()
     policy = BatchPolicy(max_batch_size=8, max_wait=0.001, max_queue=48, eager=False)
     requests: list[tuple[list[int], float | None, asyncio.Task[Completion[int]]]] = []
     cancelled: set[asyncio.Task[Completion[int]]] = set()
@@ -581,7 +575,7 @@ async def test_every_caller_gets_exactly_one_outcome_under_a_random_mix() -> Non
             next_item += count
             if rng.random() < 0.05:
                 items[rng.randrange(count)] *= -1
-            deadline = loop.time() + rng.uniform(-0.002, 0.01) if rng.random() < 0.2 else None
+            deadline = time.monotonic() + rng.uniform(-0.002, 0.01) if rng.random() < 0.2 else None
             task = asyncio.create_task(call(items, deadline))
             requests.append((items, deadline, task))
             if rng.random() < 0.15:
