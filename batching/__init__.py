@@ -1,12 +1,20 @@
 """carpool's micro-batcher: the standard library only, no HTTP, no torch."""
 
-from batching.batcher import Batcher, BatcherStats, BatchListener, BatchPolicy, Completion
+from batching.batcher import (
+    Batcher,
+    BatcherStats,
+    BatchListener,
+    BatchPolicy,
+    Completion,
+    ResourceCheck,
+)
 from batching.errors import (
     BatchFailed,
     BatchingError,
     Cancelled,
     Closed,
     DeadlineExceeded,
+    OutOfResources,
     Overloaded,
 )
 
@@ -20,6 +28,8 @@ __all__ = [
     "Cancelled",
     "Closed",
     "Completion",
+    "ResourceCheck",
     "DeadlineExceeded",
+    "OutOfResources",
     "Overloaded",
 ]

@@ -30,10 +30,10 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from batching.errors import (
     BatchFailed,
@@ -41,6 +41,7 @@ from batching.errors import (
     Cancelled,
     Closed,
     DeadlineExceeded,
+    OutOfResources,
     Overloaded,
 )
 
@@ -58,6 +59,12 @@ class BatchPolicy:
     max_wait: float = 0.002
     max_queue: int = 256
     eager: bool = True
+    # Split a failing batch in halves until the failing items run alone:
+    # they fail, everyone else gets an answer (off: the batch fails whole).
+    isolate_errors: bool = False
+    # After an out-of-resources failure, batches stay at most half the size
+    # that failed for this long.
+    shrink_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -87,6 +94,9 @@ class BatcherStats:
     batches: int = 0
     items: int = 0
     failed_batches: int = 0
+    forward_calls: int = 0  # more than ``batches`` when failing batches were split
+    isolated_items: int = 0  # items that failed alone (poison or out of resources)
+    transient_errors: int = 0  # failed batches whose halves then all succeeded
     loop_errors: int = 0
     dropped: dict[str, int] = field(
         default_factory=lambda: {
@@ -98,6 +108,9 @@ class BatcherStats:
         }
     )
 
+
+ResourceCheck = Callable[[BaseException], bool]
+"""Tells whether an exception means out of resources (e.g. out of memory)."""
 
 BatchListener = Callable[[int, float, list[float]], None]
 """Called on the event loop after every batch: (size, compute seconds, queue
@@ -158,6 +171,7 @@ class Batcher(Generic[Item, Result]):
         *,
         name: str = "batcher",
         on_batch: BatchListener | None = None,
+        is_resource_error: ResourceCheck | None = None,
     ) -> None:
         if not batch_fns:
             raise ValueError("a batcher needs at least one batch function")
@@ -174,6 +188,9 @@ class Batcher(Generic[Item, Result]):
         self._tasks: list[asyncio.Task[None]] = []
         self._executors: list[ThreadPoolExecutor] = []
         self._batch_seconds = 0.0  # moving average, for Retry-After
+        self._is_resource_error = is_resource_error or (lambda exc: isinstance(exc, MemoryError))
+        self._cap = policy.max_batch_size  # lowered for a while after running out of resources
+        self._cap_until = 0.0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -198,11 +215,15 @@ class Batcher(Generic[Item, Result]):
     def accepting(self) -> bool:
         return bool(self._tasks) and not self._closing
 
+    def stop_accepting(self) -> None:
+        """Refuse new items from now on (``Closed``); queued ones still run."""
+        self._closing = True
+        self._arrived.set()
+
     async def aclose(self, timeout: float | None = 30.0) -> None:
         """Stop accepting, finish what is queued and running within
         ``timeout`` seconds, then fail whatever is left with ``Cancelled``."""
-        self._closing = True
-        self._arrived.set()
+        self.stop_accepting()
         if self._tasks:
             _, unfinished = await asyncio.wait(self._tasks, timeout=timeout)
             for task in unfinished:
@@ -235,17 +256,8 @@ class Batcher(Generic[Item, Result]):
         the batcher is not accepting.
         """
         stats = self.stats
-        if not self.accepting:
-            stats.dropped["closed"] += len(items)
-            raise Closed(f"{self.name} is not accepting requests (shutting down)")
         count = len(items)
-        if stats.queued + count > self.policy.max_queue:
-            stats.dropped["overloaded"] += count
-            raise Overloaded(
-                f"{self.name} is at capacity ({stats.queued} of {self.policy.max_queue} "
-                "items queued); retry later",
-                self.retry_after(),
-            )
+        self.admit(count)
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             stats.dropped["deadline"] += count
@@ -265,6 +277,21 @@ class Batcher(Generic[Item, Result]):
         except asyncio.CancelledError:
             self._withdraw(pending, "cancelled")
             raise
+
+    def admit(self, count: int) -> None:
+        """Raise ``Closed`` or ``Overloaded`` unless ``count`` more items fit
+        now; lets a caller refuse work before it reads or decodes it."""
+        stats = self.stats
+        if not self.accepting:
+            stats.dropped["closed"] += count
+            raise Closed(f"{self.name} is not accepting requests (shutting down); retry elsewhere")
+        if stats.queued + count > self.policy.max_queue:
+            stats.dropped["overloaded"] += count
+            raise Overloaded(
+                f"{self.name} is at capacity ({stats.queued} of {self.policy.max_queue} "
+                "items queued); retry later",
+                self.retry_after(),
+            )
 
     def retry_after(self) -> float:
         """Seconds until the current queue has likely drained (at least 1)."""
@@ -333,7 +360,7 @@ class Batcher(Generic[Item, Result]):
                     await self._arrived.wait()
                 head = self._head()
                 close_at = head.enqueued + policy.max_wait
-                while stats.queued < policy.max_batch_size and not self._closing:
+                while stats.queued < self._cap and not self._closing:
                     now = time.monotonic()
                     if now >= close_at:
                         break
@@ -360,7 +387,9 @@ class Batcher(Generic[Item, Result]):
 
     def _take(self, now: float) -> list[_Segment[Item, Result]]:
         queue = self._queue
-        room = self.policy.max_batch_size
+        if self._cap < self.policy.max_batch_size and now >= self._cap_until:
+            self._cap = self.policy.max_batch_size
+        room = cap = self._cap
         batch: list[_Segment[Item, Result]] = []
         while room and queue:
             pending = queue[0]
@@ -378,7 +407,7 @@ class Batcher(Generic[Item, Result]):
                 queue.popleft()
                 if pending.timer is not None:
                     pending.timer.cancel()
-        size = self.policy.max_batch_size - room
+        size = cap - room
         self.stats.queued -= size
         return batch
 
@@ -397,53 +426,138 @@ class Batcher(Generic[Item, Result]):
         size = len(items)
         stats.in_flight += size
         began = time.monotonic()
-        results: Sequence[Result] | None = None
-        error: BatchingError | None = None
+        outcome: _Outcome[Result] | None = None
         try:
-            try:
-                results = await loop.run_in_executor(executor, fn, items)
-                if len(results) != size:
-                    error = BatchFailed(
-                        f"the model returned {len(results)} results for a batch of {size} items"
-                    )
-            except Exception as exc:
-                error = BatchFailed(f"the model failed: {type(exc).__name__}: {exc}")
-                error.__cause__ = exc
-                logger.warning("%s: batch of %d failed: %r", self.name, size, exc)
+            outcome = await loop.run_in_executor(executor, self._compute, fn, items)
             seconds = time.monotonic() - began
             self._batch_seconds = (
                 seconds if not stats.batches else 0.9 * self._batch_seconds + 0.1 * seconds
             )
             stats.batches += 1
             stats.items += size
-            if error is not None or results is None:
+            stats.forward_calls += outcome.calls
+            if outcome.shrink_to:
+                self._cap = min(self._cap, outcome.shrink_to)
+                self._cap_until = time.monotonic() + self.policy.shrink_seconds
+                logger.warning("%s: out of resources; batches capped at %d", self.name, self._cap)
+            if outcome.error is not None:
                 stats.failed_batches += 1
                 for pending, _, _ in batch:
-                    self._fail(
-                        pending, error or BatchFailed("the model returned nothing"), "failed"
-                    )
+                    self._fail(pending, outcome.error, "failed")
             else:
-                self._deliver(batch, results, size, seconds)
+                self._deliver(batch, outcome, size, seconds)
             if self._on_batch is not None:
                 waits = [p.started - p.enqueued for p, start, _ in batch if start == 0]
                 self._on_batch(size, seconds, waits)
         finally:
             stats.in_flight -= size
-            for pending, _, _ in batch:  # reached only when cancelled mid-batch
-                if not pending.future.done() and results is None and error is None:
-                    pending.future.set_exception(
-                        Cancelled(f"{self.name} shut down while this request was running")
-                    )
+            if outcome is None:  # cancelled mid-batch (aclose timed out)
+                for pending, _, _ in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(
+                            Cancelled(f"{self.name} shut down while this request was running")
+                        )
 
-    @staticmethod
-    def _deliver(
-        batch: list[_Segment[Item, Result]], results: Sequence[Result], size: int, seconds: float
+    # -- the worker thread's side ----------------------------------------------
+
+    def _compute(
+        self, fn: Callable[[list[Item]], Sequence[Result]], items: list[Item]
+    ) -> _Outcome[Result]:
+        """The forward pass; with ``isolate_errors``, split on failure."""
+        outcome: _Outcome[Result] = _Outcome()
+        if self.policy.isolate_errors and len(items) > 1:
+            self._split(fn, items, outcome)
+            if outcome.calls > 1 and not outcome.failures and outcome.error is None:
+                outcome.transient = True
+            return outcome
+        outcome.calls = 1
+        try:
+            results = fn(items)
+        except Exception as exc:
+            self._note(outcome, exc, len(items))
+            outcome.error = self._error(exc, alone=len(items) == 1)
+            return outcome
+        if len(results) != len(items):
+            outcome.error = _wrong_length(results, items)
+            return outcome
+        outcome.results = results if isinstance(results, list) else list(results)
+        return outcome
+
+    def _split(
+        self,
+        fn: Callable[[list[Item]], Sequence[Result]],
+        items: list[Item],
+        outcome: _Outcome[Result],
     ) -> None:
+        """Run ``items``; on failure halve them until the failing ones run alone.
+
+        k failing items in a batch of B cost at most 2·k·⌈log2 B⌉ extra calls."""
+        outcome.calls += 1
+        try:
+            results = fn(items)
+        except Exception as exc:
+            self._note(outcome, exc, len(items))
+            if len(items) == 1:
+                outcome.failures += 1
+                outcome.results.append(_Failure(self._error(exc, alone=True)))  # type: ignore[arg-type]
+                return
+            middle = len(items) // 2
+            self._split(fn, items[:middle], outcome)
+            self._split(fn, items[middle:], outcome)
+            return
+        if len(results) != len(items):
+            outcome.error = _wrong_length(results, items)
+            outcome.results.extend([None] * len(items))  # type: ignore[list-item]
+            return
+        outcome.results.extend(results)
+
+    def _note(self, outcome: _Outcome[Result], exc: Exception, size: int) -> None:
+        if self._is_resource_error(exc) and size > 1:
+            half = size // 2
+            outcome.shrink_to = min(outcome.shrink_to or half, half)
+
+    def _error(self, exc: Exception, *, alone: bool) -> BatchingError:
+        """The error a caller gets; ``alone``: its item failed in a batch of one."""
+        error: BatchingError
+        if self._is_resource_error(exc):
+            error = OutOfResources(
+                "the model ran out of resources"
+                + (" for this request even alone" if alone else "")
+                + f": {type(exc).__name__}: {exc}"
+            )
+        elif alone and self.policy.isolate_errors:
+            error = BatchFailed(
+                f"the model failed on this request's input: {type(exc).__name__}: {exc}",
+                item_error=True,
+            )
+        else:
+            error = BatchFailed(f"the model failed: {type(exc).__name__}: {exc}")
+            logger.warning("%s: batch failed: %r", self.name, exc)
+        error.__cause__ = exc
+        return error
+
+    def _deliver(
+        self,
+        batch: list[_Segment[Item, Result]],
+        outcome: _Outcome[Result],
+        size: int,
+        seconds: float,
+    ) -> None:
+        results = outcome.results
+        if outcome.transient:
+            self.stats.transient_errors += 1
+        self.stats.isolated_items += outcome.failures
         offset = 0
         for pending, start, stop in batch:
             count = stop - start
-            pending.results[start:stop] = results[offset : offset + count]
+            mine = results[offset : offset + count]
             offset += count
+            if outcome.failures:
+                failure: object = next((r for r in mine if type(r) is _Failure), None)
+                if isinstance(failure, _Failure):
+                    self._fail(pending, failure.error, "failed")
+                    continue
+            pending.results[start:stop] = mine
             pending.compute += seconds
             pending.batch_size = max(pending.batch_size, size)
             pending.remaining -= count
@@ -456,3 +570,32 @@ class Batcher(Generic[Item, Result]):
                         pending.batch_size,
                     )
                 )
+
+
+def _wrong_length(results: Sized, items: list[Any]) -> BatchFailed:
+    return BatchFailed(
+        f"the model returned {len(results)} results for a batch of {len(items)} items"
+    )
+
+
+class _Failure:
+    """Stands in a result list for an item that failed alone."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BatchingError) -> None:
+        self.error = error
+
+
+class _Outcome(Generic[Result]):
+    """What the worker thread hands back for one batch."""
+
+    __slots__ = ("calls", "error", "failures", "results", "shrink_to", "transient")
+
+    def __init__(self) -> None:
+        self.results: list[Result] = []
+        self.error: BatchingError | None = None  # the whole batch failed
+        self.calls = 0
+        self.failures = 0
+        self.transient = False
+        self.shrink_to = 0

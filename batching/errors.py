@@ -5,6 +5,8 @@
      ├── Closed              the batcher is draining or closed; nothing was queued
      ├── DeadlineExceeded    the item's deadline passed before its batch ran
      ├── Cancelled           the batcher shut down before the item could run
+     ├── OutOfResources      the forward pass ran out of memory, even after
+     │                       the batch was split down to this item
      └── BatchFailed         the batch function raised, or returned the wrong
                              number of results; ``__cause__`` holds the error
 
@@ -38,6 +40,10 @@ class DeadlineExceeded(BatchingError):
 
 class Cancelled(BatchingError):
     """The batcher was closed before the item ran."""
+
+
+class OutOfResources(BatchingError):
+    """The forward pass ran out of resources (memory) for this item."""
 
 
 class BatchFailed(BatchingError):

@@ -177,6 +177,25 @@ def encode_response(
     return header, None
 
 
+def queue_timeout(config: ModelConfig, parameters: dict[str, Any], header_ms: int | None) -> float:
+    """Seconds a request may wait in the queue: the model's ``queue_timeout_ms``,
+    shortened (never lengthened) by the ``X-Carpool-Timeout-Ms`` header or the
+    v2 ``timeout`` parameter (microseconds, as Triton takes it)."""
+    seconds = config.queue_timeout_ms / 1000
+    if header_ms is not None:
+        if header_ms <= 0:
+            raise BadRequest(
+                "header x-carpool-timeout-ms must be a positive number of milliseconds"
+            )
+        seconds = min(seconds, header_ms / 1000)
+    micros = parameters.get("timeout")
+    if micros is not None:
+        if type(micros) is not int or micros <= 0:
+            raise BadRequest("parameters.timeout must be a positive integer (microseconds)")
+        seconds = min(seconds, micros / 1_000_000)
+    return seconds
+
+
 # -- inputs ----------------------------------------------------------------
 
 

@@ -8,7 +8,8 @@
 
 The batcher's own errors (``batching.errors``) are mapped here too:
 Overloaded and Closed are 503 with ``Retry-After``, DeadlineExceeded is 504,
-BatchFailed is 500 (422 when traced to one item). Anything else is our bug:
+BatchFailed is 500 (422 when traced to one item), OutOfResources is 507.
+Anything else is our bug:
 500 with no detail for the client, the traceback in the log.
 """
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from batching import BatchFailed, Cancelled, Closed, DeadlineExceeded, Overloaded
+from batching import BatchFailed, Cancelled, Closed, DeadlineExceeded, OutOfResources, Overloaded
 
 logger = logging.getLogger("carpool.server")
 
@@ -68,13 +69,17 @@ def http_error(exc: BaseException) -> ErrorResponse:
         headers.append((b"retry-after", b"1"))
     elif isinstance(exc, DeadlineExceeded):
         status, reason = 504, "deadline_exceeded"
+    elif isinstance(exc, OutOfResources):
+        status, reason = 507, "insufficient_resources"
     elif isinstance(exc, BatchFailed):
         status, reason = (422 if exc.item_error else 500), "model_error"
     else:
         logger.error("unhandled error", exc_info=exc)
         status, reason = 500, "internal"
         message = "internal server error; the server log has the details"
-    return ErrorResponse(status, orjson.dumps({"error": message}), headers, reason)
+    return ErrorResponse(
+        status, orjson.dumps({"error": message, "reason": reason}), headers, reason
+    )
 
 
 _REASONS = {404: "not_found", 413: "too_large", 503: "not_ready"}

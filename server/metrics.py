@@ -118,6 +118,28 @@ class _BatcherCollector(Collector):
         failed = CounterMetricFamily(
             "carpool_failed_batches", "Batches whose forward pass failed.", labels=["model"]
         )
+        counters = {
+            "forward_calls": CounterMetricFamily(
+                "carpool_forward_calls",
+                "Forward passes, counting the reruns of split failing batches.",
+                labels=["model"],
+            ),
+            "isolated_items": CounterMetricFamily(
+                "carpool_isolated_items",
+                "Items that failed alone after their batch was split (poison or out of memory).",
+                labels=["model"],
+            ),
+            "transient_errors": CounterMetricFamily(
+                "carpool_transient_errors",
+                "Failed batches whose split halves all succeeded.",
+                labels=["model"],
+            ),
+            "loop_errors": CounterMetricFamily(
+                "carpool_batcher_loop_errors",
+                "Errors the batch loop caught and survived (0 unless carpool has a bug).",
+                labels=["model"],
+            ),
+        }
         dropped = CounterMetricFamily(
             "carpool_dropped_items", "Items never computed, by reason.", labels=["model", "reason"]
         )
@@ -134,8 +156,10 @@ class _BatcherCollector(Collector):
             batches.add_metric([name], stats.batches)
             items.add_metric([name], stats.items)
             failed.add_metric([name], stats.failed_batches)
+            for field, family in counters.items():
+                family.add_metric([name], getattr(stats, field))
             for reason, count in stats.dropped.items():
                 dropped.add_metric([name, reason], count)
             for figure, value in model.kind.figures().items():
                 kind.add_metric([name, figure], value)
-        yield from (depth, flight, ready, batches, items, failed, dropped, kind)
+        yield from (depth, flight, ready, batches, items, failed, *counters.values(), dropped, kind)

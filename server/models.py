@@ -43,8 +43,8 @@ class ModelSet:
         self.models_dir = models_dir
         self.torch_threads = torch_threads
         self._models: dict[str, ServedModel] = {}
-        self._listeners: list[Any] = []
         self.loaded = False
+        self.draining = False
 
     def __iter__(self) -> Iterator[ServedModel]:
         return iter(self._models.values())
@@ -54,7 +54,7 @@ class ModelSet:
 
     @property
     def ready(self) -> bool:
-        return self.loaded and all(model.ready for model in self)
+        return self.loaded and not self.draining and all(model.ready for model in self)
 
     async def start(self, listener_for: Any = None) -> None:
         """Load, warm up and start every model. ``listener_for(name)`` may
@@ -71,9 +71,10 @@ class ModelSet:
                 max_wait=config.max_wait_ms / 1000,
                 max_queue=config.max_queue,
                 eager=config.eager,
+                isolate_errors=config.isolate_errors,
             )
             batcher: Batcher[Any, Result] = Batcher(
-                fns, policy, name=config.name, on_batch=listener
+                fns, policy, name=config.name, on_batch=listener, is_resource_error=_out_of_memory
             )
             batcher.start()
             self._models[config.name] = ServedModel(config, kind, batcher, device)
@@ -87,8 +88,24 @@ class ModelSet:
             )
         self.loaded = True
 
+    def begin_drain(self) -> None:
+        """Fail readiness from now on; requests are still accepted."""
+        self.draining = True
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new requests (503), finish every accepted one within
+        ``timeout`` seconds, then stop the batchers."""
+        self.draining = True
+        for model in self:
+            model.batcher.stop_accepting()
+        await self.aclose(timeout)
+
     async def aclose(self, timeout: float) -> None:
         await asyncio.gather(*(model.batcher.aclose(timeout) for model in self))
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError | MemoryError)
 
 
 def _load_instances(kind: ModelKind[Any], device: torch.device) -> Sequence[BatchFn[Any]]:

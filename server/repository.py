@@ -70,6 +70,8 @@ class ModelConfig:
     max_wait_ms: float = 2.0
     max_queue: int = 256
     eager: bool = True
+    isolate_errors: bool = True
+    queue_timeout_ms: float = 5000.0
     device: str = "auto"
     instances: int = 1
     version: str = "1"
@@ -118,6 +120,8 @@ _SCALARS: dict[str, type | tuple[type, ...]] = {
     "max_wait_ms": (int, float),
     "max_queue": int,
     "eager": bool,
+    "isolate_errors": bool,
+    "queue_timeout_ms": (int, float),
     "device": str,
     "instances": int,
     "version": str,
@@ -148,8 +152,8 @@ def _config(raw: dict[str, Any], folder: Path) -> ModelConfig:
         raise ValueError(f"device = {config.device!r}; expected auto, cpu, cuda or cuda:N")
     if min(config.max_batch_size, config.max_queue, config.instances) < 1:
         raise ValueError("max_batch_size, max_queue and instances must be at least 1")
-    if config.max_wait_ms < 0:
-        raise ValueError("max_wait_ms must not be negative")
+    if config.max_wait_ms < 0 or config.queue_timeout_ms <= 0:
+        raise ValueError("max_wait_ms must not be negative, queue_timeout_ms must be positive")
     if not config.inputs or not config.outputs:
         raise ValueError("a model needs at least one input and one output")
     return config

@@ -9,6 +9,7 @@ show the batch each request rode in.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import orjson
@@ -28,7 +29,7 @@ from server.asgi import (
     read_body,
     respond,
 )
-from server.codec import decode_request, encode_response
+from server.codec import decode_request, encode_response, queue_timeout
 from server.errors import NotFound, http_error
 from server.metrics import Metrics
 from server.models import ModelSet, ServedModel
@@ -117,16 +118,23 @@ class InferEndpoint:
         name: str = params["name"]
         model = self.models.get(name)
         watch: DisconnectWatch | None = None
+        body_read = False
         try:
             if model is None or params.get("version", model.config.version) != model.config.version:
                 raise NotFound(_unknown(self.models, name, params.get("version")))
+            # Full or draining: refuse before reading the body into memory.
+            model.batcher.admit(1)
             body = await read_body(scope, receive, self.max_body_bytes)
+            body_read = True
             request = decode_request(
                 body, model.config, int_header(scope, b"inference-header-content-length")
             )
             items = model.kind.split(request)
+            timeout = queue_timeout(
+                model.config, request.parameters, int_header(scope, b"x-carpool-timeout-ms")
+            )
             watch = DisconnectWatch(receive)
-            completion = await model.batcher.submit_many(items)
+            completion = await model.batcher.submit_many(items, time.monotonic() + timeout)
             watch.close()
             watch = None
             payload, header_length = encode_response(model.config, request, completion.results)
@@ -152,7 +160,10 @@ class InferEndpoint:
             error = http_error(exc)
             if model is not None:
                 self.metrics.count(name, error.reason)
-            await respond(send, error.status, error.body, error.headers)
+            headers = error.headers
+            if not body_read:  # the unread body must not be taken for the next request
+                headers = [*headers, (b"connection", b"close")]
+            await respond(send, error.status, error.body, headers)
         finally:
             if watch is not None:
                 watch.close()
