@@ -9,7 +9,11 @@ from pathlib import Path
 
 import uvicorn
 
+from client import cli as client_cli
 from server.app import create_app
+from server.auth import warn_if_exposed
+from server.lifecycle import Server
+from server.protocol import http_protocol
 from server.settings import Settings
 
 
@@ -28,7 +32,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--torch-threads", type=int, help="torch intra-op threads (default: cores - 1)"
     )
     serve.add_argument("--log-level", help="debug, info, warning, error")
+    client_cli.add_parser(commands)  # carpool predict
     args = parser.parse_args(argv)
+    if args.command == "predict":
+        raise SystemExit(client_cli.predict(args))
     overrides = {k: v for k, v in vars(args).items() if k != "command"}
     settings = Settings.from_env(**overrides)
     serve_forever(settings)
@@ -38,16 +45,21 @@ def serve_forever(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    app = create_app(settings)
+    warn_if_exposed(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=http_protocol(settings),  # httptools, with header/body deadlines
         ws="websockets-sansio",
+        ws_max_size=settings.ws_max_message_bytes,  # over it: close 1009
         lifespan="on",
         access_log=False,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.drain_timeout),
+        # the drain (server/lifecycle.py) has finished the accepted work before
+        # uvicorn's own wait starts; this only bounds stragglers
+        timeout_graceful_shutdown=int(settings.drain_timeout) + 5,
     )
-    uvicorn.Server(config).run()
+    Server(config, app.state, settings.drain_delay, settings.drain_timeout).run()

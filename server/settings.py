@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,21 @@ class Settings:
     models_dir: Path = Path("weights")
     torch_threads: int = _default_torch_threads()
     max_body_bytes: int = 16 * 1024 * 1024
+    # WebSocket streams (server/stream.py)
+    ws_max_message_bytes: int = 4 * 1024 * 1024  # one message; over it: close 1009
+    ws_max_in_flight: int = 64  # unanswered messages per connection; at the cap, stop reading
     drain_timeout: float = 20.0
+    drain_delay: float = 0.0  # seconds of "not ready, still serving" before the drain
     log_level: str = "info"
+    access_log: bool = False  # one JSON line per request on stdout (server/access.py)
+    # hardening (server/limits.py, server/protocol.py, server/auth.py)
+    max_header_bytes: int = 16 * 1024  # names + values of all request headers; over: 431
+    header_timeout: float = 10.0  # seconds from a request's first byte to its last header
+    body_timeout: float = 10.0  # seconds from the last header to the body's last byte
+    max_items_per_request: int = 1024  # items (first-axis length) in one infer request
+    auth_tokens: str = field(default="", repr=False)  # comma-separated bearer tokens
+    auth_token_file: str = ""  # one bearer token per line
+    metrics_token: str = field(default="", repr=False)  # /metrics' own token
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: Any) -> Settings:
@@ -49,10 +62,12 @@ def _parse(name: str, raw: str, kind: type) -> Any:
     try:
         if kind is Path:
             return Path(raw)
+        if kind is bool:
+            return {"1": True, "true": True, "0": False, "false": False}[raw.lower()]
         if kind is int:
             return int(raw)
         if kind is float:
             return float(raw)
         return raw
-    except ValueError:
+    except (ValueError, KeyError):
         raise ValueError(f"CARPOOL_{name.upper()}={raw!r} is not a valid {kind.__name__}") from None

@@ -9,14 +9,17 @@ holds the batches the model ran (each a list of x values) and a ``gate``
 
 Options (model.toml [options]): ``poison`` (a value that makes a forward
 pass raise ValueError), ``oom_above`` (batches larger than this raise
-torch.OutOfMemoryError), ``sleep_ms`` (a fixed delay per batch).
+torch.OutOfMemoryError), ``sleep_ms`` (a fixed delay per batch),
+``fail_once`` (the first batch of more than one item raises), ``drop_one_at``
+(a value that makes the model return one result too few).
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +66,8 @@ class EchoKind(ModelKind[float]):
         poison = options.get("poison")
         oom_above = options.get("oom_above")
         sleep = options.get("sleep_ms", 0) / 1000
+        fail_once = [bool(options.get("fail_once", False))]
+        drop_one_at = options.get("drop_one_at")
 
         def run(xs: list[float]) -> Sequence[Result]:
             if xs == [-1.0]:
@@ -77,7 +82,13 @@ class EchoKind(ModelKind[float]):
                 raise torch.OutOfMemoryError(f"fake OOM: batch of {len(xs)} > {oom_above}")
             if poison is not None and poison in xs:
                 raise ValueError(f"poison value {poison} in the batch")
-            return [{"y": [x * 2]} for x in xs]
+            if fail_once[0] and len(xs) > 1:
+                fail_once[0] = False
+                raise RuntimeError("a transient failure")
+            results = [{"y": [x * 2]} for x in xs]
+            if drop_one_at is not None and drop_one_at in xs:
+                results.pop()
+            return results
 
         return run
 
@@ -111,3 +122,13 @@ def _toml(value: Any) -> str:
 
 def infer_body(xs: Sequence[float]) -> dict[str, Any]:
     return {"inputs": [{"name": "x", "datatype": "FP32", "shape": [len(xs), 1], "data": list(xs)}]}
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Poll ``predicate`` on the event loop until it holds (bounded)."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout
+    while not predicate():
+        if loop.time() > give_up:
+            raise TimeoutError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.005)

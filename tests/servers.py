@@ -25,15 +25,18 @@ import uvicorn
 from starlette.applications import Starlette
 
 from server.app import create_app
+from server.lifecycle import Server
+from server.protocol import http_protocol
 from server.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_SECONDS = 120
 
 
-class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
+class _Server(Server):
+    def __init__(self, config: uvicorn.Config, settings: Settings) -> None:
+        assert isinstance(config.app, Starlette)
+        super().__init__(config, config.app.state, settings.drain_delay, settings.drain_timeout)
         self.up = threading.Event()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -58,14 +61,15 @@ def in_thread(settings: Settings, **uvicorn_options: object) -> Iterator[Running
         host="127.0.0.1",
         port=0,
         loop="uvloop",
-        http="httptools",
+        http=http_protocol(settings),  # httptools, with header/body deadlines
         ws="websockets-sansio",
+        ws_max_size=settings.ws_max_message_bytes,  # over it: close 1009
         lifespan="on",
         log_level="warning",
         timeout_graceful_shutdown=int(settings.drain_timeout),
         **uvicorn_options,  # type: ignore[arg-type]
     )
-    server = _Server(config)
+    server = _Server(config, settings)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     try:
@@ -114,6 +118,8 @@ def subprocess_server(
             process.kill()
         process.wait(30)
         lines.thread.join(5)
+        if process.stderr is not None:
+            process.stderr.close()
 
 
 class _Lines:
@@ -150,3 +156,15 @@ class _Lines:
                 seen = len(self.log)
                 if not self.changed.wait(STARTUP_SECONDS):
                     raise TimeoutError("the server did not start:\n" + "".join(self.log))
+
+
+def scrape(text: str) -> dict[str, float]:
+    """Samples of a /metrics page, keyed like ``name{label="v",...}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
