@@ -117,9 +117,13 @@ def decode_request(
         params = _parameters(entry.get("parameters"), f"inputs[{position}].parameters")
         binary_size = params.get("binary_data_size")
         if binary_size is not None:
-            if binary is None or type(binary_size) is not int or binary_size < 0:
+            if binary is None:
                 raise BadRequest(
                     f"input {spec.name!r}: binary_data_size needs an Inference-Header-Content-Length header"
+                )
+            if type(binary_size) is not int or binary_size < 0:
+                raise BadRequest(
+                    f"input {spec.name!r}: binary_data_size must be a non-negative integer"
                 )
             chunk = binary[offset : offset + binary_size]
             offset += binary_size

@@ -94,14 +94,17 @@ def load_repository(path: Path) -> list[ModelConfig]:
     """Every model under ``path``, sorted by name."""
     if not path.is_dir():
         raise ConfigError(f"model repository {path} is not a directory")
-    configs = [load_config(toml) for toml in sorted(path.glob("*/model.toml"))]
-    names = [config.name for config in configs]
-    for name in names:
-        if names.count(name) > 1:
-            raise ConfigError(f"two models in {path} are named {name!r}")
+    seen: dict[str, Path] = {}
+    configs = []
+    for toml in sorted(path.glob("*/model.toml")):
+        config = load_config(toml)
+        if config.name in seen:
+            raise ConfigError(f"{seen[config.name]} and {toml} both name a model {config.name!r}")
+        seen[config.name] = toml
+        configs.append(config)
     if not configs:
         raise ConfigError(f"no */model.toml found under {path}")
-    return configs
+    return sorted(configs, key=lambda config: config.name)
 
 
 def load_config(toml: Path) -> ModelConfig:
@@ -156,6 +159,10 @@ def _config(raw: dict[str, Any], folder: Path) -> ModelConfig:
         raise ValueError("max_wait_ms must not be negative, queue_timeout_ms must be positive")
     if not config.inputs or not config.outputs:
         raise ValueError("a model needs at least one input and one output")
+    for specs in (config.inputs, config.outputs):
+        names = [spec.name for spec in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tensor names must be unique: {names}")
     return config
 
 
@@ -173,7 +180,7 @@ def _spec(entry: dict[str, Any]) -> TensorSpec:
         not isinstance(shape, list)
         or not shape
         or shape[0] != -1
-        or not all(isinstance(d, int) and (d > 0 or d == -1) for d in shape)
+        or not all(type(d) is int and (d > 0 or d == -1) for d in shape)
     ):
         raise ValueError(f"{name}: shape {shape!r} must be a list starting with -1 (the batch)")
     return TensorSpec(name, datatype, tuple(shape))

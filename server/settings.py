@@ -60,7 +60,7 @@ class Settings:
 
 def _parse(name: str, raw: str, kind: type) -> Any:
     try:
-        if kind is Path:
+        if issubclass(kind, Path):
             return Path(raw)
         if kind is bool:
             return {"1": True, "true": True, "0": False, "false": False}[raw.lower()]
