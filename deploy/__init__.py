@@ -1,0 +1,1 @@
+"""Deployment files, and the harness that proves them on loopback (deploy/local)."""

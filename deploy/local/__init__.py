@@ -1,0 +1,1 @@
+"""The compose topology without Docker: ``python -m deploy.local.topology``."""
