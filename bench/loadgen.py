@@ -1,0 +1,295 @@
+"""The open-loop load generator: requests leave on a Poisson schedule,
+whatever the server does.
+
+A closed loop (wrk) waits for an answer before it sends again, so a slow
+server slows the load down and its queueing never shows ("coordinated
+omission"). Here every request has an intended send time from the schedule
+and its latency counts from that time: a request that waits for a free
+connection, or behind a server that fell behind, carries all of that wait.
+
+The generator also reports its own send lag, the time between a request's
+intended time and the moment the generator got to it: a large lag means the
+generator, not the server, could not keep up, and the point is suspect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from bench.client import Connection, open_connection, request_bytes
+from bench.loopback import require_loopback
+from bench.stats import Latency
+from bench.workloads import FAILED, OK, WRONG, Workload
+
+PENDING, TIMEOUT = -1, 3
+_SWEEP_SECONDS = 0.05
+_START_DELAY = 0.02
+_KEEP_REASONS = 5
+
+
+class Recorder:
+    """Per request: its intended time, when the generator sent it, when its
+    answer came, and the verdict."""
+
+    def __init__(self, count: int) -> None:
+        self.intended = [math.nan] * count
+        self.sent = [math.nan] * count
+        self.done = [math.nan] * count
+        self.outcome = [PENDING] * count
+        self.pending = count
+        self.reasons: list[str] = []
+        self.all_done = asyncio.Event()
+        if not count:
+            self.all_done.set()
+
+    def finish(self, index: int, outcome: int, at: float, reason: str = "") -> None:
+        if self.outcome[index] != PENDING:
+            return
+        self.outcome[index] = outcome
+        self.done[index] = at
+        self.pending -= 1
+        if not self.pending:
+            self.all_done.set()
+        if reason and len(self.reasons) < _KEEP_REASONS:
+            self.reasons.append(reason)
+
+    def latencies(self) -> list[float]:
+        """Seconds from intended time to a correct answer; ``inf`` for anything else."""
+        return [
+            done - intended if outcome == OK else math.inf
+            for intended, done, outcome in zip(self.intended, self.done, self.outcome, strict=True)
+        ]
+
+    def send_lags(self) -> list[float]:
+        return [s - i for s, i in zip(self.sent, self.intended, strict=True) if not math.isnan(s)]
+
+    def count(self, outcome: int) -> int:
+        return self.outcome.count(outcome)
+
+
+Dispatch = Callable[[int], None]
+
+
+async def drive(
+    schedule: Sequence[float],
+    dispatch: Dispatch,
+    recorder: Recorder,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Hand request ``i`` to ``dispatch`` at ``start + schedule[i]``; return ``start``.
+
+    The loop sleeps on the event loop's (millisecond, sometimes late) timer
+    until 3 ms before a request is due, then yields to the loop until it is,
+    so requests leave on time to a few microseconds when the generator keeps
+    up. That spinning makes the generator's CPU use no sign of saturation:
+    its send lag is.
+    """
+    start = clock() + _START_DELAY
+    for index, offset in enumerate(schedule):
+        due = start + offset
+        ahead = due - clock()
+        while ahead > 0:
+            await asyncio.sleep(ahead - 0.003 if ahead > 0.004 else 0)
+            ahead = due - clock()
+        recorder.intended[index] = due
+        recorder.sent[index] = clock()
+        dispatch(index)
+        if ahead < 0:
+            await asyncio.sleep(0)  # behind schedule: still let answers in
+    return start
+
+
+class HttpPool:
+    """Keep-alive connections, opened on demand up to ``max_connections``;
+    past that, requests wait in a FIFO (and their wait counts)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        workload: Workload,
+        recorder: Recorder,
+        max_connections: int,
+        timeout: float,
+    ) -> None:
+        self.host = require_loopback(host)
+        self.port = port
+        self.workload = workload
+        self.recorder = recorder
+        self.max_connections = max_connections
+        self.timeout = timeout
+        items = len(workload.items)
+        self._requests = [
+            request_bytes(host, port, workload.path, workload.body(i, str(i))) for i in range(items)
+        ]
+        self._items = items
+        self._idle: list[Connection] = []
+        self._busy: set[Connection] = set()
+        self._opening = 0
+        self._backlog: deque[int] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def dispatch(self, index: int) -> None:
+        if self._idle:
+            # the most recently used connection: never one the server is about to close
+            self._send(self._idle.pop(), index)
+        elif self._room():
+            self._open(index)
+        else:
+            self._backlog.append(index)
+
+    def _room(self) -> bool:
+        return len(self._busy) + self._opening < self.max_connections
+
+    def _open(self, index: int) -> None:
+        if self._closed:
+            return
+        self._opening += 1
+        task = asyncio.get_running_loop().create_task(self._open_and_send(index))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def sweep(self, now: float) -> None:
+        """Time out whatever has waited longer than ``timeout`` since its intended time."""
+        recorder, limit = self.recorder, now - self.timeout
+        while self._backlog and recorder.intended[self._backlog[0]] < limit:
+            recorder.finish(self._backlog.popleft(), TIMEOUT, now, "timed out before it was sent")
+        for conn in [c for c in self._busy if recorder.intended[c.tag] < limit]:
+            recorder.finish(conn.tag, TIMEOUT, now, f"no answer within {self.timeout:g} s")
+            conn.abort()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        now = time.perf_counter()
+        for conn in self._busy:
+            self.recorder.finish(conn.tag, TIMEOUT, now, "no answer by the end of the point")
+        for conn in [*self._idle, *self._busy]:
+            conn.abort()
+        while self._backlog:
+            self.recorder.finish(self._backlog.popleft(), TIMEOUT, now, "never sent")
+
+    def _send(self, conn: Connection, index: int) -> None:
+        self._busy.add(conn)
+        conn.send(self._requests[index % self._items], index)
+
+    async def _open_and_send(self, index: int) -> None:
+        try:
+            conn = await open_connection(self.host, self.port, self._on_answer, self._on_lost)
+        except OSError as exc:
+            self.recorder.finish(index, FAILED, time.perf_counter(), f"connect: {exc}")
+            return
+        finally:
+            self._opening -= 1
+        self._send(conn, index)
+
+    def _on_answer(self, conn: Connection, status: int, body: bytes, at: float) -> None:
+        index = conn.tag
+        self._busy.discard(conn)
+        conn.tag = -1
+        verdict, why = self.workload.judge(
+            index % self._items, str(index % self._items), status, body
+        )
+        self.recorder.finish(index, verdict, at, why)
+        if conn.closing:
+            conn.abort()
+            return
+        self._next(conn)
+
+    def _next(self, conn: Connection) -> None:
+        recorder = self.recorder
+        while self._backlog:
+            index = self._backlog.popleft()
+            if recorder.outcome[index] == PENDING:
+                self._send(conn, index)
+                return
+        self._idle.append(conn)
+
+    def _on_lost(self, conn: Connection, why: str) -> None:
+        if conn in self._busy:
+            self._busy.discard(conn)
+            self.recorder.finish(conn.tag, FAILED, time.perf_counter(), f"connection lost: {why}")
+        elif conn in self._idle:
+            self._idle.remove(conn)
+        # a connection closed (often one timed out): open another for whatever waits
+        while self._backlog and self._room():
+            index = self._backlog.popleft()
+            if self.recorder.outcome[index] == PENDING:
+                self._open(index)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenLoopResult:
+    offered_rps: float
+    requests: int
+    ok: int
+    failed: int
+    wrong: int
+    timeouts: int
+    achieved_rps: float
+    latency: Latency
+    send_lag: Latency
+    reasons: tuple[str, ...]
+
+
+async def open_loop(
+    host: str,
+    port: int,
+    workload: Workload,
+    schedule: Sequence[float],
+    rate: float,
+    max_connections: int = 256,
+    timeout: float | None = None,
+) -> OpenLoopResult:
+    """Send one request per ``schedule`` entry to ``host:port`` and judge every answer.
+
+    Bounded in time: the schedule's span, then at most ``timeout`` (default:
+    the workload's) for the last answers; whatever has no answer by then, or
+    waited longer than that, is a timeout.
+    """
+    timeout = workload.timeout_s if timeout is None else timeout
+    recorder = Recorder(len(schedule))
+    pool = HttpPool(host, port, workload, recorder, max_connections, timeout)
+
+    async def sweeper() -> None:
+        while True:
+            await asyncio.sleep(_SWEEP_SECONDS)
+            pool.sweep(time.perf_counter())
+
+    sweeping = asyncio.get_running_loop().create_task(sweeper())
+    try:
+        start = await drive(schedule, pool.dispatch, recorder)
+        deadline = start + (schedule[-1] if schedule else 0) + timeout + 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                recorder.all_done.wait(), max(0.0, deadline - time.perf_counter())
+            )
+    finally:
+        sweeping.cancel()
+        await asyncio.gather(sweeping, return_exceptions=True)
+        await pool.aclose()
+    ok = recorder.count(OK)
+    ended = max(
+        (d for d, o in zip(recorder.done, recorder.outcome, strict=True) if o == OK), default=start
+    )
+    return OpenLoopResult(
+        offered_rps=rate,
+        requests=len(schedule),
+        ok=ok,
+        failed=recorder.count(FAILED),
+        wrong=recorder.count(WRONG),
+        timeouts=recorder.count(TIMEOUT) + recorder.count(PENDING),
+        achieved_rps=ok / max(ended - start, 1e-9),
+        latency=Latency.of(recorder.latencies()),
+        send_lag=Latency.of(recorder.send_lags()),
+        reasons=tuple(recorder.reasons),
+    )

@@ -1,0 +1,72 @@
+"""What a run measures, and for how long: the full run and the quick one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from bench.servers import SERVERS
+from bench.workloads import NAMES
+
+STARTUP_ESTIMATE = {"tiny": 6.0, "embed": 12.0}
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    quick: bool = False
+    workloads: tuple[str, ...] = NAMES
+    servers: tuple[str, ...] = tuple(spec.name for spec in SERVERS)
+    concurrencies: tuple[int, ...] = (1, 8, 32, 128, 256)
+    load_fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 0.8, 1.0, 1.2)
+    closed_seconds: float = 5.0
+    open_seconds: float = 5.0
+    warmup_seconds: float = 2.0
+    offline_seconds: float = 2.0
+    timeout_scale: float = 1.0  # of each workload's request timeout
+    sample_scale: float = 1.0  # of the sample each server answers alone, checked in full
+    # the open-loop generator's connection pool: no more connections than the
+    # largest closed-loop point, so a server never meets more in open loop
+    max_connections: int = 256
+
+    @classmethod
+    def full(cls) -> Plan:
+        return cls()
+
+    @classmethod
+    def quick_run(cls) -> Plan:
+        return cls(
+            quick=True,
+            concurrencies=(1, 32, 128),
+            load_fractions=(0.5, 0.8),
+            closed_seconds=2.0,
+            open_seconds=2.0,
+            warmup_seconds=1.0,
+            offline_seconds=0.5,
+            timeout_scale=0.25,
+            sample_scale=0.5,
+        )
+
+    def only(self, workloads: tuple[str, ...] | None, servers: tuple[str, ...] | None) -> Plan:
+        return replace(
+            self,
+            workloads=workloads or self.workloads,
+            servers=servers or self.servers,
+        )
+
+    def seconds_per_point(self, mode: str) -> float:
+        """Planned seconds of one point, idle wait included."""
+        return (self.closed_seconds if mode == "closed" else self.open_seconds) + 0.7
+
+    def offline_estimate(self) -> float:
+        sizes = 3 if self.quick else 8
+        return sizes * len(self.workloads) * (self.offline_seconds + 0.3) + 15
+
+    def planned_seconds(self) -> float:
+        """Roughly how long the run takes: what the progress bar counts down."""
+        total = self.offline_estimate()
+        for workload in self.workloads:
+            for server in self.servers:
+                transports = 2 if server == "carpool" else 1
+                total += STARTUP_ESTIMATE[workload] + self.warmup_seconds + 2
+                total += transports * len(self.concurrencies) * self.seconds_per_point("closed")
+                total += len(self.load_fractions) * self.seconds_per_point("open")
+        return total
