@@ -393,10 +393,16 @@ class Batcher(Generic[Item, Result]):
         batch: list[_Segment[Item, Result]] = []
         while room and queue:
             pending = queue[0]
+            if pending.future.done() and pending.next < len(pending.items):
+                # cancelled in this very loop turn: its task has not run yet
+                self._withdraw(pending, "cancelled")
+            elif pending.deadline is not None and pending.deadline <= now:
+                self._expire(pending)  # the loop was too busy for the timer to fire first
             start = pending.next
             stop = min(len(pending.items), start + room)
             if start == stop:
-                queue.popleft()
+                if queue and queue[0] is pending:
+                    queue.popleft()
                 continue
             if start == 0:
                 pending.started = now
@@ -473,7 +479,7 @@ class Batcher(Generic[Item, Result]):
         outcome.calls = 1
         try:
             results = fn(items)
-        except Exception as exc:
+        except BaseException as exc:  # whatever the model raises fails its items, not the loop
             self._note(outcome, exc, len(items))
             outcome.error = self._error(exc, alone=len(items) == 1)
             return outcome
@@ -495,7 +501,7 @@ class Batcher(Generic[Item, Result]):
         outcome.calls += 1
         try:
             results = fn(items)
-        except Exception as exc:
+        except BaseException as exc:  # whatever the model raises fails its items, not the loop
             self._note(outcome, exc, len(items))
             if len(items) == 1:
                 outcome.failures += 1
@@ -511,12 +517,12 @@ class Batcher(Generic[Item, Result]):
             return
         outcome.results.extend(results)
 
-    def _note(self, outcome: _Outcome[Result], exc: Exception, size: int) -> None:
+    def _note(self, outcome: _Outcome[Result], exc: BaseException, size: int) -> None:
         if self._is_resource_error(exc) and size > 1:
             half = size // 2
             outcome.shrink_to = min(outcome.shrink_to or half, half)
 
-    def _error(self, exc: Exception, *, alone: bool) -> BatchingError:
+    def _error(self, exc: BaseException, *, alone: bool) -> BatchingError:
         """The error a caller gets; ``alone``: its item failed in a batch of one."""
         error: BatchingError
         if self._is_resource_error(exc):
