@@ -37,3 +37,34 @@ unit: install
 	$(BIN)/pytest
 
 test: lint typecheck unit
+
+# The deployment proof alone (part of `make test` too): the deploy files, and
+# the compose topology on loopback with Debian's nginx and prometheus.
+.PHONY: deploy-test
+deploy-test: install
+	$(BIN)/pytest tests/test_deploy_files.py tests/test_deploy_local.py tests/test_access.py
+
+# Benchmarks, not part of `make test`: carpool against the offline limit and its
+# peers on this machine (see the Performance section of README.md).
+# `make bench`: the full run (under 30 minutes); `make bench-quick`: a few short
+# points per server (under 5 minutes). The suite installs wrk (Debian) if missing.
+BENCH_STAMP := $(VENV)/.bench-installed
+.PHONY: bench bench-quick
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,bench]'
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench
+
+bench-quick: $(BENCH_STAMP)
+	$(BIN)/python -m bench --quick
+
+# Fuzzing at length, not part of `make test` (which runs 50 schemathesis
+# examples per infer operation and 300 raw-socket cases): 2,000 examples per
+# operation against /openapi.json, and 5,000 mutated requests (minutes).
+.PHONY: fuzz
+fuzz: install
+	CARPOOL_FUZZ_EXAMPLES=2000 CARPOOL_FUZZ_CASES=5000 \
+		$(BIN)/pytest -o timeout=3600 tests/test_openapi.py tests/test_fuzz.py

@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from server import v2
-from server.errors import http_error
+from server import access, auth, limits, openapi, stream, v2
+from server.errors import ServerError, http_error
 from server.metrics import CONTENT_TYPE, Metrics
 from server.models import ModelSet
 from server.settings import Settings
@@ -47,8 +47,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             404: f"no route {request.url.path}; see GET /v2",
             405: f"{request.method} is not allowed here",
         }
+        reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid")
         return v2.JSONResponse(
-            {"error": message.get(exc.status_code, exc.detail)}, status_code=exc.status_code
+            {"error": message.get(exc.status_code, exc.detail), "reason": reason},
+            status_code=exc.status_code,
         )
 
     async def server_error(request: Request, exc: Exception) -> Response:
@@ -60,16 +62,29 @@ def create_app(settings: Settings | None = None) -> Starlette:
             media_type="application/json",
         )
 
+    streams = stream.StreamRegistry()  # drained by server/lifecycle.py
     routes = [
-        *v2.routes(models, metrics, settings.max_body_bytes),
+        *v2.routes(models, metrics, settings),
+        *stream.routes(models, metrics, streams, settings),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        openapi.route(models, settings),
     ]
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={HTTPException: http_exception, Exception: server_error},
+        middleware=access.middleware(settings),  # [] unless CARPOOL_ACCESS_LOG
+        # ServerError is answered by the exception middleware; only a bug of
+        # ours reaches the catch-all, which answers 500 and logs it.
+        exception_handlers={
+            HTTPException: http_exception,
+            ServerError: server_error,
+            Exception: server_error,
+        },
     )
+    # header limit, then tokens: inside the access log, so it records refusals too
+    app.user_middleware += [*limits.middleware(settings), *auth.middleware(settings)]
     app.state.models = models
     app.state.metrics = metrics
     app.state.settings = settings
+    app.state.streams = streams
     return app

@@ -16,6 +16,7 @@ Anything else is our bug:
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import orjson
@@ -71,8 +72,10 @@ def http_error(exc: BaseException) -> ErrorResponse:
         status, reason = 504, "deadline_exceeded"
     elif isinstance(exc, OutOfResources):
         status, reason = 507, "insufficient_resources"
+        message = _redact(message)
     elif isinstance(exc, BatchFailed):
         status, reason = (422 if exc.item_error else 500), "model_error"
+        message = _redact(message)
     else:
         logger.error("unhandled error", exc_info=exc)
         status, reason = 500, "internal"
@@ -80,6 +83,15 @@ def http_error(exc: BaseException) -> ErrorResponse:
     return ErrorResponse(
         status, orjson.dumps({"error": message, "reason": reason}), headers, reason
     )
+
+
+# The model's own message helps the caller ("poison value 13"), but a path
+# on this server is none of its business.
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][\w.\-~]+){2,}[/\\]?")
+
+
+def _redact(message: str) -> str:
+    return _PATH.sub("<path>", message)
 
 
 _REASONS = {404: "not_found", 413: "too_large", 503: "not_ready"}

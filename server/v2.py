@@ -30,9 +30,10 @@ from server.asgi import (
     respond,
 )
 from server.codec import decode_request, encode_response, queue_timeout
-from server.errors import NotFound, http_error
+from server.errors import NotFound, PayloadTooLarge, http_error
 from server.metrics import Metrics
 from server.models import ModelSet, ServedModel
+from server.settings import Settings
 
 EXTENSIONS = ["binary_tensor_data"]
 
@@ -44,12 +45,12 @@ class JSONResponse(Response):
         return orjson.dumps(content)
 
 
-def routes(models: ModelSet, metrics: Metrics, max_body_bytes: int) -> list[BaseRoute]:
+def routes(models: ModelSet, metrics: Metrics, settings: Settings) -> list[BaseRoute]:
     def model_for(request: Request) -> ServedModel:
         model = models.get(request.path_params["name"])
         version = request.path_params.get("version")
         if model is None or (version is not None and version != model.config.version):
-            raise NotFound(_unknown(models, request.path_params["name"], version))
+            raise NotFound(unknown_model(models, request.path_params["name"], version))
         return model
 
     async def server_metadata(request: Request) -> Response:
@@ -83,7 +84,7 @@ def routes(models: ModelSet, metrics: Metrics, max_body_bytes: int) -> list[Base
             status_code=200 if is_ready else 503,
         )
 
-    infer = InferEndpoint(models, metrics, max_body_bytes)
+    infer = InferEndpoint(models, metrics, settings)
     versioned = "/v2/models/{name}/versions/{version}"
     return [
         Route("/v2", server_metadata, methods=["GET"]),
@@ -98,7 +99,7 @@ def routes(models: ModelSet, metrics: Metrics, max_body_bytes: int) -> list[Base
     ]
 
 
-def _unknown(models: ModelSet, name: str, version: str | None) -> str:
+def unknown_model(models: ModelSet, name: str, version: str | None) -> str:
     served = sorted(model.config.name for model in models)
     if version is not None and models.get(name) is not None:
         return f"model {name!r} has no version {version!r}"
@@ -108,10 +109,11 @@ def _unknown(models: ModelSet, name: str, version: str | None) -> str:
 class InferEndpoint:
     """``POST /v2/models/{name}[/versions/{v}]/infer``, as raw ASGI."""
 
-    def __init__(self, models: ModelSet, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(self, models: ModelSet, metrics: Metrics, settings: Settings) -> None:
         self.models = models
         self.metrics = metrics
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes = settings.max_body_bytes
+        self.max_items = settings.max_items_per_request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         params = scope["path_params"]
@@ -121,7 +123,7 @@ class InferEndpoint:
         body_read = False
         try:
             if model is None or params.get("version", model.config.version) != model.config.version:
-                raise NotFound(_unknown(self.models, name, params.get("version")))
+                raise NotFound(unknown_model(self.models, name, params.get("version")))
             # Full or draining: refuse before reading the body into memory.
             model.batcher.admit(1)
             body = await read_body(scope, receive, self.max_body_bytes)
@@ -129,6 +131,11 @@ class InferEndpoint:
             request = decode_request(
                 body, model.config, int_header(scope, b"inference-header-content-length")
             )
+            if request.count > self.max_items:
+                raise PayloadTooLarge(
+                    f"the request has {request.count} items; this server takes at most "
+                    f"{self.max_items} (CARPOOL_MAX_ITEMS_PER_REQUEST)"
+                )
             items = model.kind.split(request)
             timeout = queue_timeout(
                 model.config, request.parameters, int_header(scope, b"x-carpool-timeout-ms")

@@ -30,9 +30,12 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+            # torch's message goes on to suggest weights_only=False: keep only the reason
+            lines = str(exc).splitlines() or [type(exc).__name__]
+            reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0])
             raise ConfigError(
                 f"{path} was refused: it is not a plain tensor checkpoint "
-                f"(only weights load, never code): {exc}"
+                f"(only weights load, never code): {reason.strip()}"
             ) from exc
         if not isinstance(state, dict) or not all(
             isinstance(v, torch.Tensor) for v in state.values()

