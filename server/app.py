@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server import access, auth, limits, openapi, stream, v2
 from server.errors import ServerError, http_error
@@ -23,6 +25,40 @@ from server.models import ModelSet
 from server.settings import Settings
 
 logger = logging.getLogger("carpool.server")
+
+
+class Carpool(Starlette):
+    """Starlette, with a fast lane for the hot route.
+
+    ``POST /v2/models/{name}/infer`` goes straight to its raw ASGI endpoint
+    through the same user middleware (access log, limits, tokens), skipping
+    Starlette's error and exception layers and its regex routing: about a
+    quarter of the per-request cost here. Everything else, the versioned
+    infer route included, takes the ordinary way.
+    """
+
+    def __init__(self, *, infer: ASGIApp, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._infer = infer
+        self._lane: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path: str = scope["path"]
+            if path.startswith("/v2/models/") and path.endswith("/infer"):
+                name = path[11:-6]
+                if name and "/" not in name:
+                    if self._lane is None:
+                        self._lane = self._infer
+                        for middleware in reversed(self.user_middleware):
+                            self._lane = middleware.cls(
+                                self._lane, *middleware.args, **middleware.kwargs
+                            )
+                    scope["app"] = self
+                    scope["path_params"] = {"name": name}
+                    await self._lane(scope, receive, send)
+                    return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -69,7 +105,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         openapi.route(models, settings),
     ]
-    app = Starlette(
+    app = Carpool(
+        infer=next(
+            r.endpoint
+            for r in routes
+            if isinstance(r, Route) and r.path == "/v2/models/{name}/infer"
+        ),
         routes=routes,
         lifespan=lifespan,
         middleware=access.middleware(settings),  # [] unless CARPOOL_ACCESS_LOG

