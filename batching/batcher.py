@@ -346,6 +346,7 @@ class Batcher(Generic[Item, Result]):
                 # A bug of ours, not the model's: log it and keep serving.
                 self.stats.loop_errors += 1
                 logger.exception("%s: batch loop error", self.name)
+                await asyncio.sleep(0.01)  # a bug that repeats must not spin the event loop
 
     async def _gather(self) -> list[_Segment[Item, Result]] | None:
         """Wait for items and return the next batch; None once closed and empty."""

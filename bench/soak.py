@@ -178,20 +178,23 @@ async def soak(
         "--port",
         "0",
     ]
-    process = subprocess.Popen(  # noqa: ASYNC220  (started once, before the load)
-        [*command, "--models", str(folder), "--log-level", "warning"],
-        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    # The server's log goes to a file: a pipe nobody reads fills up and
+    # blocks the server.
+    log = folder / "server.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(  # noqa: ASYNC220  (started once, before the load)
+            [*command, "--models", str(folder)],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=sink,
+        )  # fmt: skip
     try:
-        assert process.stderr is not None
         port = 0
-        for line in process.stderr:
-            found = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
-            if found:
-                port = int(found.group(1))
-                break
+        give_up = time.monotonic() + 120
+        while not port and process.poll() is None and time.monotonic() < give_up:
+            found = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", log.read_text())
+            port = int(found.group(1)) if found else 0
+            await asyncio.sleep(0.1)  # a child's log file: nothing to await
         if not port:
-            raise RuntimeError("the server did not start")
+            raise RuntimeError("the server did not start:\n" + log.read_text())
         url = f"http://{HOST}:{port}"
         fds_baseline = _fds(process.pid)
         rss: list[float] = []

@@ -21,6 +21,7 @@ async def one_batch(running: Running, name: str, xs: list[float]) -> list[httpx.
     """Send each x as its own request so that all of them ride in one batch:
     a held request keeps the worker busy while they queue."""
     record = recorder(name)
+    record.entered.clear()
     record.gate.clear()
     async with httpx.AsyncClient(base_url=running.url, timeout=30) as client:
         held = asyncio.create_task(client.post(f"/v2/models/{name}/infer", json=infer_body([0.5])))

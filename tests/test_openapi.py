@@ -22,6 +22,11 @@ import httpx
 import pytest
 import requests
 import schemathesis
+
+# Imported here, from a shallow stack: schemathesis imports it lazily from
+# deep inside from_url, where pytest's assertion rewriting can hit CPython
+# 3.11's "AST constructor recursion depth mismatch" SystemError.
+import schemathesis.specs.openapi.schemas
 import torch
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
