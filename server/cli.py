@@ -6,8 +6,10 @@ import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import uvicorn
+from starlette.applications import Starlette
 
 from client import cli as client_cli
 from server.app import create_app
@@ -47,19 +49,38 @@ def serve_forever(settings: Settings) -> None:
     )
     app = create_app(settings)
     warn_if_exposed(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http=http_protocol(settings),  # httptools, with header/body deadlines
-        ws="websockets-sansio",
-        ws_max_size=settings.ws_max_message_bytes,  # over it: close 1009
-        lifespan="on",
-        access_log=False,
-        log_level=settings.log_level,
+    config = uvicorn_config(app, settings)
+    Server(config, app.state, settings.drain_delay, settings.drain_timeout).run()
+
+
+def uvicorn_config(app: Starlette, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """The one uvicorn configuration carpool runs under (the tests use it too).
+
+    Everything the hardening depends on is pinned here rather than left to
+    uvicorn's defaults: the parser (httptools, with our header/body deadlines),
+    the WebSocket implementation (wsproto would ignore the size limit and the
+    pings), the ping keep-alive, the concurrency guard and the shutdown bound.
+    """
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "loop": "uvloop",
+        "http": http_protocol(settings),  # httptools, with header/body deadlines
+        "ws": "websockets-sansio",
+        "ws_max_size": settings.ws_max_message_bytes,  # over it: close 1009
+        # a client that stops answering pings (half-open) is closed after
+        # interval + timeout
+        "ws_ping_interval": settings.ws_ping_interval,
+        "ws_ping_timeout": settings.ws_ping_timeout,
+        # uvicorn's own guard answers a bare 503 without Retry-After; it sits
+        # far above our queues so that our shedding trips first
+        "limit_concurrency": settings.limit_concurrency,
+        "lifespan": "on",
+        "access_log": False,
+        "log_level": settings.log_level,
         # the drain (server/lifecycle.py) has finished the accepted work before
         # uvicorn's own wait starts; this only bounds stragglers
-        timeout_graceful_shutdown=int(settings.drain_timeout) + 5,
-    )
-    Server(config, app.state, settings.drain_delay, settings.drain_timeout).run()
+        "timeout_graceful_shutdown": int(settings.drain_timeout) + 5,
+    }
+    options.update(overrides)
+    return uvicorn.Config(app, **options)

@@ -32,6 +32,10 @@ class Settings:
     # WebSocket streams (server/stream.py)
     ws_max_message_bytes: int = 4 * 1024 * 1024  # one message; over it: close 1009
     ws_max_in_flight: int = 64  # unanswered messages per connection; at the cap, stop reading
+    ws_ping_interval: float = 20.0  # seconds between server pings on a stream
+    ws_ping_timeout: float = 20.0  # no pong within this after a ping: the stream is closed
+    # uvicorn's connection+task guard (a bare 503); kept above every queue so ours trips first
+    limit_concurrency: int = 4096
     drain_timeout: float = 20.0
     drain_delay: float = 0.0  # seconds of "not ready, still serving" before the drain
     log_level: str = "info"

@@ -25,8 +25,8 @@ import uvicorn
 from starlette.applications import Starlette
 
 from server.app import create_app
+from server.cli import uvicorn_config
 from server.lifecycle import Server
-from server.protocol import http_protocol
 from server.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,18 +56,14 @@ class Running:
 def in_thread(settings: Settings, **uvicorn_options: object) -> Iterator[Running]:
     """create_app(settings) served by uvicorn (uvloop, httptools) on 127.0.0.1."""
     app = create_app(settings)
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
+        settings,
         host="127.0.0.1",
         port=0,
-        loop="uvloop",
-        http=http_protocol(settings),  # httptools, with header/body deadlines
-        ws="websockets-sansio",
-        ws_max_size=settings.ws_max_message_bytes,  # over it: close 1009
-        lifespan="on",
         log_level="warning",
         timeout_graceful_shutdown=int(settings.drain_timeout),
-        **uvicorn_options,  # type: ignore[arg-type]
+        **uvicorn_options,
     )
     server = _Server(config, settings)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)

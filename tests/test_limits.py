@@ -23,7 +23,7 @@ from server.codec import InferRequest
 from server.errors import BadRequest
 from server.kinds.text import TextKind
 from server.protocol import DeadlineProtocol
-from server.repository import ModelConfig, TensorSpec
+from server.repository import ModelConfig, TensorSpec, load_repository
 from server.settings import Settings
 from tests.fakes import infer_body, model_dir, recorder
 from tests.servers import Running, in_thread
@@ -256,7 +256,15 @@ def test_serve_pins_the_httptools_protocol_with_deadlines_and_websockets_sansio(
     assert issubclass(config.http, DeadlineProtocol)
     assert issubclass(config.http, HttpToolsProtocol)
     assert config.http.header_timeout == 3.0
+    # wsproto ignores ws_max_size and the pings: the limits would be silently off (R21)
     assert config.ws == "websockets-sansio"
+    assert config.ws_max_size == Settings().ws_max_message_bytes
+    assert (config.ws_ping_interval, config.ws_ping_timeout) == (20.0, 20.0)
+    # uvicorn waits forever for stragglers when this is None (R8)
+    assert config.timeout_graceful_shutdown == int(Settings().drain_timeout) + 5
+    # uvicorn's bare 503 must sit above our own shedding (R3)
+    assert config.limit_concurrency is not None
+    assert config.limit_concurrency > sum(model.max_queue for model in load_repository(tmp_path))
 
 
 def test_the_default_limits_are_safe() -> None:
