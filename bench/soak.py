@@ -5,14 +5,16 @@
 
 Serves a fake model (tests/fakes.py: y = 2x) and the real digits model from a
 child ``carpool serve`` on 127.0.0.1, drives a bounded mix of traffic at it
-(valid requests of 1-8 items, 1 % invalid bodies, 1 % clients that hang up
+(valid requests of 1-8 items, a quarter of them over WebSocket streams that
+are reopened every 200 messages, 1 % invalid bodies, 1 % clients that hang up
 while queued) and samples the server's RSS and open file descriptors every
 ``interval`` seconds.
 
 It fails when, over the second half of the run, the RSS peak stands more than
 min(5 % of the mean, 100 MB) above the 5 %-trimmed mean, or the fitted RSS
-slope times the duration exceeds 5 % of the mean; or when the open fds have
-not come back to their baseline (+/- 2) after the load. ``--leak-kib`` makes
+slope times the duration exceeds 5 % of the mean; or when the open fds or the
+event loop's tasks (``carpool_event_loop_tasks``) have not come back to their
+baseline (+/- 2) within ``idle`` seconds after the load. ``--leak-kib`` makes
 the fake model keep that much memory per item for ever: a detector that
 passes that run is broken.
 """
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import httpx
 import orjson
+from websockets.asyncio.client import connect
 
 from bench.loopback import HOST, require_loopback
 
@@ -45,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 class Verdict:
     requests: int
     ok: int
+    websocket: int
     invalid: int
     hung_up: int
     errors: int
@@ -54,6 +58,8 @@ class Verdict:
     rss_slope_growth_mb: float
     fds_baseline: int
     fds_after: int
+    tasks_baseline: int
+    tasks_after: int
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -98,6 +104,15 @@ def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _tasks(url: str) -> int:
+    found = re.search(r"^carpool_event_loop_tasks (\S+)$", httpx.get(url + "/metrics").text, re.M)
+    return int(float(found.group(1))) if found else -1
+
+
+def _settled(baseline: int, now: int) -> bool:
+    return abs(now - baseline) <= 2
+
+
 def _repository(leak_kib: float) -> Path:
     folder = Path(tempfile.mkdtemp(prefix="carpool-soak-"))
     sys.path.insert(0, str(ROOT))
@@ -110,9 +125,26 @@ def _repository(leak_kib: float) -> Path:
 
 async def _drive(url: str, requests: int, concurrency: int, seed: int) -> dict[str, int]:
     rng = random.Random(seed)
-    counts = {"ok": 0, "invalid": 0, "hung_up": 0, "errors": 0}
+    counts = {"ok": 0, "websocket": 0, "invalid": 0, "hung_up": 0, "errors": 0}
     remaining = iter(range(requests))
     port = int(url.rsplit(":", 1)[1])
+
+    async def streamer() -> None:
+        """Echo requests over a stream, one in flight, reconnecting every 200."""
+        while True:
+            async with connect(f"ws://{HOST}:{port}/v2/models/echo/stream") as stream:
+                for _ in range(200):
+                    i = next(remaining, None)
+                    if i is None:
+                        return
+                    xs = [float(i + k) for k in range(rng.randint(1, 8))]
+                    await stream.send(orjson.dumps({"id": str(i), **_echo(xs)}).decode())
+                    answer = orjson.loads(await stream.recv())
+                    good = answer.get("id") == str(i) and answer["outputs"][0]["data"] == [
+                        2 * x for x in xs
+                    ]
+                    counts["ok" if good else "errors"] += 1
+                    counts["websocket"] += 1
 
     async def worker(client: httpx.AsyncClient) -> None:
         for i in remaining:
@@ -155,7 +187,11 @@ async def _drive(url: str, requests: int, concurrency: int, seed: int) -> dict[s
 
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        streams = concurrency // 4
+        await asyncio.gather(
+            *(worker(client) for _ in range(concurrency - streams)),
+            *(streamer() for _ in range(streams)),
+        )
     return counts
 
 
@@ -196,7 +232,7 @@ async def soak(
         if not port:
             raise RuntimeError("the server did not start:\n" + log.read_text())
         url = f"http://{HOST}:{port}"
-        fds_baseline = _fds(process.pid)
+        fds_baseline, tasks_baseline = _fds(process.pid), _tasks(url)
         rss: list[float] = []
         load = asyncio.create_task(_drive(url, requests, 32, seed))
         while not load.done():
@@ -204,21 +240,27 @@ async def soak(
             await asyncio.wait({load}, timeout=interval)
         counts = load.result()
         deadline = time.monotonic() + idle
-        while _fds(process.pid) > fds_baseline + 2 and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.5)  # the fds are another process's: nothing to await
-        fds_after = _fds(process.pid)
+        fds_after, tasks_after = _fds(process.pid), _tasks(url)
+        while time.monotonic() < deadline:
+            fds_after, tasks_after = _fds(process.pid), _tasks(url)
+            if _settled(fds_baseline, fds_after) and _settled(tasks_baseline, tasks_after):
+                break
+            await asyncio.sleep(0.5)  # another process's fds and tasks: nothing to await
     finally:
         process.terminate()
         process.wait(60)
         shutil.rmtree(folder, ignore_errors=True)
     mean, peak, growth, failures = judge_rss(rss)
-    if abs(fds_after - fds_baseline) > 2:
+    if not _settled(fds_baseline, fds_after):
         failures.append(f"open fds {fds_after} after the load, {fds_baseline} before")
+    if not _settled(tasks_baseline, tasks_after):
+        failures.append(f"event loop tasks {tasks_after} after the load, {tasks_baseline} before")
     if counts["errors"]:
         failures.append(f"{counts['errors']} wrong or failed answers")
     return Verdict(
-        requests, counts["ok"], counts["invalid"], counts["hung_up"], counts["errors"], len(rss),
-        mean / 1e6, peak / 1e6, growth / 1e6, fds_baseline, fds_after, failures,
+        requests, counts["ok"], counts["websocket"], counts["invalid"], counts["hung_up"],
+        counts["errors"], len(rss), mean / 1e6, peak / 1e6, growth / 1e6, fds_baseline, fds_after,
+        tasks_baseline, tasks_after, failures,
     )  # fmt: skip
 
 
@@ -232,7 +274,7 @@ def main() -> None:
     )
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between RSS samples")
     parser.add_argument(
-        "--idle", type=float, default=60.0, help="seconds allowed for fds to settle"
+        "--idle", type=float, default=60.0, help="seconds allowed for fds and tasks to settle"
     )
     args = parser.parse_args()
     verdict = asyncio.run(soak(args.requests, args.leak_kib, args.interval, args.idle))

@@ -17,6 +17,8 @@ async def test_a_short_soak_leaks_nothing() -> None:
     verdict = await soak(requests=3000, leak_kib=0, interval=0.2, idle=15)
     assert verdict.errors == 0
     assert verdict.ok > 2800
+    assert verdict.websocket > 0  # the mix has streams in it
+    assert verdict.tasks_baseline > 0  # the task gauge was read
     assert verdict.passed, verdict.failures
 
 
