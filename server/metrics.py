@@ -7,10 +7,17 @@ Histograms are observed once per batch; the request counter once per request.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -70,6 +77,10 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_BatcherCollector(models))
+        # process_resident_memory_bytes, process_open_fds, ...: what a soak
+        # (RELIABILITY R24) and an operator watch for leaks
+        ProcessCollector(registry=self.registry)
+        self.registry.register(_LoopCollector())
         self._counters: dict[tuple[str, str], Any] = {}
 
     def count(self, model: str, outcome: str) -> None:
@@ -94,6 +105,21 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _LoopCollector(Collector):
+    """Tasks alive on the event loop that serves /metrics: a count that must
+    come back to its baseline after load (a leak of tasks otherwise)."""
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            tasks = len(asyncio.all_tasks())
+        except RuntimeError:  # rendered outside the event loop
+            return
+        yield GaugeMetricFamily("carpool_event_loop_tasks", "asyncio tasks alive.", value=tasks)
 
 
 class _BatcherCollector(Collector):
