@@ -14,6 +14,7 @@ from batching.errors import (
     Cancelled,
     Closed,
     DeadlineExceeded,
+    InternalError,
     OutOfResources,
     Overloaded,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "Completion",
     "ResourceCheck",
     "DeadlineExceeded",
+    "InternalError",
     "OutOfResources",
     "Overloaded",
 ]

@@ -19,7 +19,12 @@ Gathering a batch, for a free worker:
 Every caller's future is resolved exactly once: with its results, or with
 one of the errors in ``batching.errors``. A batch function that raises (or
 returns the wrong number of results) fails only the callers of that batch;
-the loop keeps serving.
+the loop keeps serving. An ``Exception`` from the batcher's own code (or its
+callbacks) fails only the batch it hit, and the loop goes on
+(``stats.loop_errors``). A ``BaseException`` that is not an ``Exception``
+(``SystemExit``, ``KeyboardInterrupt``, a library's own) leaves the worker
+thread in a state nobody can vouch for: its batch fails, and a watchdog
+restarts that instance's loop on a fresh thread (``stats.loop_restarts``).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from batching.errors import (
     Cancelled,
     Closed,
     DeadlineExceeded,
+    InternalError,
     OutOfResources,
     Overloaded,
 )
@@ -97,7 +103,8 @@ class BatcherStats:
     forward_calls: int = 0  # more than ``batches`` when failing batches were split
     isolated_items: int = 0  # items that failed alone (poison or out of resources)
     transient_errors: int = 0  # failed batches whose halves then all succeeded
-    loop_errors: int = 0
+    loop_errors: int = 0  # our own errors the loop caught and survived
+    loop_restarts: int = 0  # loops the watchdog restarted after a BaseException
     dropped: dict[str, int] = field(
         default_factory=lambda: {
             "overloaded": 0,
@@ -205,15 +212,24 @@ class Batcher(Generic[Item, Result]):
         """Start one serving task and worker thread per batch function."""
         if self._tasks:
             raise RuntimeError(f"{self.name} is already started")
-        for index, fn in enumerate(self._fns):
-            executor = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-{index}")
-            self._executors.append(executor)
-            task = asyncio.create_task(self._serve(fn, executor), name=f"{self.name}-{index}")
+        for index in range(len(self._fns)):
+            self._executors.append(self._executor(index))
+            task = asyncio.create_task(self._watch(index), name=f"{self.name}-{index}")
             self._tasks.append(task)
+
+    def _executor(self, index: int) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-{index}")
 
     @property
     def accepting(self) -> bool:
         return bool(self._tasks) and not self._closing
+
+    @property
+    def batch_cap(self) -> int:
+        """The most items the next batch may take: ``max_batch_size``, or
+        less while capped after running out of resources (restored by the
+        first batch gathered after ``shrink_seconds``)."""
+        return self._cap
 
     def stop_accepting(self) -> None:
         """Refuse new items from now on (``Closed``); queued ones still run."""
@@ -330,6 +346,30 @@ class Batcher(Generic[Item, Result]):
             pending.future.set_exception(error)
 
     # -- serving -------------------------------------------------------------
+
+    async def _watch(self, index: int) -> None:
+        """The watchdog of instance ``index``: serve until closed, and restart
+        the loop on a fresh worker thread whenever a fault escapes it."""
+        while True:
+            try:
+                await self._serve(self._fns[index], self._executors[index])
+                return
+            except asyncio.CancelledError as exc:
+                if _cancelling():
+                    raise  # aclose() ran out of time: a real cancellation
+                fault: BaseException = exc  # raised by the model, not by aclose()
+            except BaseException as exc:  # SystemExit, KeyboardInterrupt: never past this task
+                fault = exc
+            self.stats.loop_restarts += 1
+            logger.error(
+                "%s: the batch loop of instance %d died; restarting it on a fresh thread",
+                self.name,
+                index,
+                exc_info=fault,
+            )
+            self._executors[index].shutdown(wait=False)
+            self._executors[index] = self._executor(index)
+            await asyncio.sleep(0.01)  # a fault that repeats must not spin the event loop
 
     async def _serve(
         self, fn: Callable[[list[Item]], Sequence[Result]], executor: ThreadPoolExecutor
@@ -449,6 +489,7 @@ class Batcher(Generic[Item, Result]):
                 logger.warning("%s: out of resources; batches capped at %d", self.name, self._cap)
             if outcome.error is not None:
                 stats.failed_batches += 1
+                stats.isolated_items += outcome.failures
                 for pending, _, _ in batch:
                     self._fail(pending, outcome.error, "failed")
             else:
@@ -456,14 +497,29 @@ class Batcher(Generic[Item, Result]):
             if self._on_batch is not None:
                 waits = [p.started - p.enqueued for p, start, _ in batch if start == 0]
                 self._on_batch(size, seconds, waits)
+        except BaseException as exc:
+            if outcome is None:  # no answers came back from the worker thread
+                self._abandon(batch, exc)
+            raise
         finally:
             stats.in_flight -= size
-            if outcome is None:  # cancelled mid-batch (aclose timed out)
-                for pending, _, _ in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(
-                            Cancelled(f"{self.name} shut down while this request was running")
-                        )
+
+    def _abandon(self, batch: list[_Segment[Item, Result]], exc: BaseException) -> None:
+        """Fail the callers of a batch whose run ended without an outcome."""
+        error: BatchingError
+        reason = "failed"
+        if isinstance(exc, asyncio.CancelledError) and _cancelling():
+            error = Cancelled(f"{self.name} shut down while this request was running")
+            reason = "closed"
+        elif isinstance(exc, Exception):
+            error = InternalError(f"{self.name} failed while running this request's batch")
+        else:  # the model raised past Exception; the watchdog restarts the loop
+            error = BatchFailed(f"the model worker failed: {type(exc).__name__}: {exc}")
+        if reason == "failed":
+            self.stats.failed_batches += 1
+        error.__cause__ = exc
+        for pending, _, _ in batch:
+            self._fail(pending, error, reason)  # its items still queued leave with it
 
     # -- the worker thread's side ----------------------------------------------
 
@@ -480,9 +536,11 @@ class Batcher(Generic[Item, Result]):
         outcome.calls = 1
         try:
             results = fn(items)
-        except BaseException as exc:  # whatever the model raises fails its items, not the loop
+        except Exception as exc:  # fails its items, not the loop (a BaseException goes to _watch)
             self._note(outcome, exc, len(items))
             outcome.error = self._error(exc, alone=len(items) == 1)
+            if self.policy.isolate_errors:  # a batch of one: the item failed alone
+                outcome.failures = 1
             return outcome
         if len(results) != len(items):
             outcome.error = _wrong_length(results, items)
@@ -502,7 +560,7 @@ class Batcher(Generic[Item, Result]):
         outcome.calls += 1
         try:
             results = fn(items)
-        except BaseException as exc:  # whatever the model raises fails its items, not the loop
+        except Exception as exc:  # fails its items, not the loop (a BaseException goes to _watch)
             self._note(outcome, exc, len(items))
             if len(items) == 1:
                 outcome.failures += 1
@@ -577,6 +635,13 @@ class Batcher(Generic[Item, Result]):
                         pending.batch_size,
                     )
                 )
+
+
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled (by ``aclose``), rather
+    than handed a ``CancelledError`` that a model raised in its thread."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _wrong_length(results: Sized, items: list[Any]) -> BatchFailed:

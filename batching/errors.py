@@ -7,8 +7,10 @@
      ├── Cancelled           the batcher shut down before the item could run
      ├── OutOfResources      the forward pass ran out of memory, even after
      │                       the batch was split down to this item
-     └── BatchFailed         the batch function raised, or returned the wrong
-                             number of results; ``__cause__`` holds the error
+     ├── BatchFailed         the batch function raised, or returned the wrong
+     │                       number of results; ``__cause__`` holds the error
+     └── InternalError       the batcher itself failed while running the batch
+                             (a bug of ours, not the model's or the input's)
 
 These are plain values: ``server/`` maps each one to an HTTP status in one
 place. A caller that cancels its own ``await`` gets ``asyncio.CancelledError``
@@ -58,3 +60,11 @@ class BatchFailed(BatchingError):
     def __init__(self, message: str, *, item_error: bool = False) -> None:
         super().__init__(message)
         self.item_error = item_error
+
+
+class InternalError(BatchingError):
+    """The batcher's own code failed around this item's batch (a bug).
+
+    The model and the input are not to blame; ``__cause__`` holds the error
+    for the log. The batch loop survives it and keeps serving.
+    """

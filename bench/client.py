@@ -43,6 +43,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.tag = -1  # the request in flight, -1 when idle
         self.closing = False
+        self.head = b""  # the current answer's status line and headers, lowercased
         self._buffer = bytearray()
         self._body_at = -1
         self._end = -1
@@ -75,6 +76,7 @@ class Connection(asyncio.Protocol):
                     self._fail("an answer without Content-Length")
                     return
                 self._status = int(head[9:12])
+                self.head = head
                 self._body_at = head_end + 4
                 self._end = self._body_at + length
                 if b"\r\nconnection: close" in head:

@@ -9,14 +9,19 @@
 The batcher's own errors (``batching.errors``) are mapped here too:
 Overloaded and Closed are 503 with ``Retry-After``, DeadlineExceeded is 504,
 BatchFailed is 500 (422 when traced to one item), OutOfResources is 507.
-Anything else is our bug:
+Anything else (``batching.InternalError`` included) is our bug:
 500 with no detail for the client, the traceback in the log.
+
+Every answer for something that failed (422 and 500 model errors, 507, and
+our own 500s) carries an ``error_id`` that is also in the server log line
+for it, so a caller can quote it and an operator can find the details.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import secrets
 from dataclasses import dataclass
 
 import orjson
@@ -54,12 +59,14 @@ class ErrorResponse:
     body: bytes
     headers: Headers
     reason: str  # the outcome label in /metrics
+    error_id: str | None = None  # also in the log line, for failures worth looking up
 
 
 def http_error(exc: BaseException) -> ErrorResponse:
     """The answer for an exception: status, JSON body, extra headers, reason."""
     headers: Headers = []
     message = str(exc)
+    error_id: str | None = None
     if isinstance(exc, ServerError):
         status, reason = exc.status, _REASONS.get(exc.status, "invalid")
     elif isinstance(exc, Overloaded):
@@ -70,19 +77,23 @@ def http_error(exc: BaseException) -> ErrorResponse:
         headers.append((b"retry-after", b"1"))
     elif isinstance(exc, DeadlineExceeded):
         status, reason = 504, "deadline_exceeded"
-    elif isinstance(exc, OutOfResources):
-        status, reason = 507, "insufficient_resources"
-        message = _redact(message)
-    elif isinstance(exc, BatchFailed):
-        status, reason = (422 if exc.item_error else 500), "model_error"
+    elif isinstance(exc, OutOfResources | BatchFailed):
+        if isinstance(exc, OutOfResources):
+            status, reason = 507, "insufficient_resources"
+        else:
+            status, reason = (422 if exc.item_error else 500), "model_error"
+        error_id = secrets.token_hex(8)
+        logger.warning("error %s (%d %s): %s", error_id, status, reason, message)
         message = _redact(message)
     else:
-        logger.error("unhandled error", exc_info=exc)
+        error_id = secrets.token_hex(8)
+        logger.error("error %s: unhandled", error_id, exc_info=exc)
         status, reason = 500, "internal"
-        message = "internal server error; the server log has the details"
-    return ErrorResponse(
-        status, orjson.dumps({"error": message, "reason": reason}), headers, reason
-    )
+        message = f"internal server error {error_id}; the server log has the details"
+    doc = {"error": message, "reason": reason}
+    if error_id is not None:
+        doc["error_id"] = error_id
+    return ErrorResponse(status, orjson.dumps(doc), headers, reason, error_id)
 
 
 # The model's own message helps the caller ("poison value 13"), but a path

@@ -139,6 +139,11 @@ class _BatcherCollector(Collector):
         ready = GaugeMetricFamily(
             "carpool_model_ready", "1 when the model accepts requests.", labels=["model"]
         )
+        cap = GaugeMetricFamily(
+            "carpool_batch_cap",
+            "Most items the next batch may take (below max_batch_size while capped after OOM).",
+            labels=["model"],
+        )
         batches = CounterMetricFamily("carpool_batches", "Forward passes run.", labels=["model"])
         items = CounterMetricFamily("carpool_items", "Items computed.", labels=["model"])
         failed = CounterMetricFamily(
@@ -165,6 +170,12 @@ class _BatcherCollector(Collector):
                 "Errors the batch loop caught and survived (0 unless carpool has a bug).",
                 labels=["model"],
             ),
+            "loop_restarts": CounterMetricFamily(
+                "carpool_batcher_loop_restarts",
+                "Batch loops the watchdog restarted on a fresh worker thread after a "
+                "BaseException (SystemExit, KeyboardInterrupt, ...) escaped them.",
+                labels=["model"],
+            ),
         }
         dropped = CounterMetricFamily(
             "carpool_dropped_items", "Items never computed, by reason.", labels=["model", "reason"]
@@ -179,6 +190,7 @@ class _BatcherCollector(Collector):
             depth.add_metric([name], stats.queued)
             flight.add_metric([name], stats.in_flight)
             ready.add_metric([name], 1.0 if model.ready else 0.0)
+            cap.add_metric([name], model.batcher.batch_cap)
             batches.add_metric([name], stats.batches)
             items.add_metric([name], stats.items)
             failed.add_metric([name], stats.failed_batches)
@@ -188,4 +200,5 @@ class _BatcherCollector(Collector):
                 dropped.add_metric([name, reason], count)
             for figure, value in model.kind.figures().items():
                 kind.add_metric([name, figure], value)
+        yield cap
         yield from (depth, flight, ready, batches, items, failed, *counters.values(), dropped, kind)

@@ -74,7 +74,11 @@ class ModelSet:
                 isolate_errors=config.isolate_errors,
             )
             batcher: Batcher[Any, Result] = Batcher(
-                fns, policy, name=config.name, on_batch=listener, is_resource_error=_out_of_memory
+                fns,
+                policy,
+                name=config.name,
+                on_batch=listener,
+                is_resource_error=kind.out_of_resources,
             )
             batcher.start()
             self._models[config.name] = ServedModel(config, kind, batcher, device)
@@ -102,10 +106,6 @@ class ModelSet:
 
     async def aclose(self, timeout: float) -> None:
         await asyncio.gather(*(model.batcher.aclose(timeout) for model in self))
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError | MemoryError)
 
 
 def _load_instances(kind: ModelKind[Any], device: torch.device) -> Sequence[BatchFn[Any]]:

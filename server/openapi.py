@@ -123,6 +123,11 @@ def spec(models: ModelSet, settings: Settings, streams: Sequence[str] = ()) -> S
                     "properties": {
                         "error": {"type": "string", "description": "what went wrong, what to do"},
                         "reason": {"type": "string", "description": "a label, as in /metrics"},
+                        "error_id": {
+                            "type": "string",
+                            "description": "for failures (model errors, 507, internal): "
+                            "the id of the server log line with the details",
+                        },
                     },
                 },
                 "ServerMetadata": {

@@ -377,6 +377,8 @@ class Stream:
             "status": error.status,
             "reason": error.reason,
         }
+        if error.error_id is not None:
+            doc["error_id"] = error.error_id
         for key, value in error.headers:
             if key == b"retry-after":
                 doc["retry_after"] = int(value)

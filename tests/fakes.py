@@ -13,6 +13,16 @@ torch.OutOfMemoryError), ``sleep_ms`` (a fixed delay per batch),
 ``fail_once`` (the first batch of more than one item raises), ``drop_one_at``
 (a value that makes the model return one result too few), ``leak_kib``
 (memory kept forever per item: a leak the soak test must detect).
+
+Faults around the forward pass (RELIABILITY R13), each set off by a value
+in the input: ``fail_decode_at`` (``split`` raises RuntimeError on the event
+loop, a stand-in for a decoder bug), ``fail_collate_at`` (building the batch
+raises TypeError), ``fail_postprocess_at`` (slicing the outputs per item
+raises IndexError), ``unserializable_at`` (that item's output is an object
+no encoder takes), ``fail_sizing_at`` (the forward raises ``SizingTrap``,
+and the kind's ``out_of_resources`` check, which sizes later batches, raises
+RuntimeError on it), ``crash_at`` (the forward raises ``WorkerCrash``, a
+BaseException: the batcher's watchdog must restart the loop).
 """
 
 from __future__ import annotations
@@ -50,13 +60,30 @@ class Recorder:
 _RECORDERS: dict[str, Recorder] = {}
 
 
+class WorkerCrash(BaseException):
+    """Raised by the fake forward on ``crash_at``: not an Exception."""
+
+
+class SizingTrap(ValueError):
+    """Raised by the fake forward on ``fail_sizing_at``; the resource check trips on it."""
+
+
 def recorder(name: str) -> Recorder:
     return _RECORDERS.setdefault(name, Recorder())
 
 
 class EchoKind(ModelKind[float]):
     def split(self, request: InferRequest) -> list[float]:
-        return list(request.columns["x"])
+        xs = list(request.columns["x"])
+        fail_at = self.config.options.get("fail_decode_at")
+        if fail_at is not None and fail_at in xs:
+            raise RuntimeError(f"fake decoder bug on {fail_at}")
+        return xs
+
+    def out_of_resources(self, exc: BaseException) -> bool:
+        if isinstance(exc, SizingTrap):
+            raise RuntimeError("fake bug in the resource check that sizes batches")
+        return super().out_of_resources(exc)
 
     def example(self) -> float:
         return -1.0
@@ -71,6 +98,11 @@ class EchoKind(ModelKind[float]):
         drop_one_at = options.get("drop_one_at")
         leak = bytes(int(options.get("leak_kib", 0) * 1024))
         leaked: list[bytearray] = []
+        collate_at = options.get("fail_collate_at")
+        postprocess_at = options.get("fail_postprocess_at")
+        unserializable_at = options.get("unserializable_at")
+        sizing_at = options.get("fail_sizing_at")
+        crash_at = options.get("crash_at")
 
         def run(xs: list[float]) -> Sequence[Result]:
             if xs == [-1.0]:
@@ -81,6 +113,12 @@ class EchoKind(ModelKind[float]):
                 record.batches.append(list(xs))
             if sleep:
                 time.sleep(sleep)
+            if collate_at is not None and collate_at in xs:
+                raise TypeError(f"cannot collate {collate_at} into a batch tensor")
+            if crash_at is not None and crash_at in xs:
+                raise WorkerCrash(f"fake worker crash on {crash_at}")
+            if sizing_at is not None and sizing_at in xs:
+                raise SizingTrap(f"fake failure on {sizing_at}")
             if oom_above is not None and len(xs) > oom_above:
                 raise torch.OutOfMemoryError(f"fake OOM: batch of {len(xs)} > {oom_above}")
             if poison is not None and poison in xs:
@@ -90,7 +128,11 @@ class EchoKind(ModelKind[float]):
                 raise RuntimeError("a transient failure")
             if leak:
                 leaked.extend(bytearray(leak) for _ in xs)  # the soak's positive control
-            results = [{"y": [x * 2]} for x in xs]
+            results: list[Result] = []
+            for x in xs:
+                if x == postprocess_at:
+                    raise IndexError(f"cannot slice the output of {postprocess_at}")
+                results.append({"y": [object() if x == unserializable_at else x * 2]})
             if drop_one_at is not None and drop_one_at in xs:
                 results.pop()
             return results

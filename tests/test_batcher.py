@@ -283,6 +283,7 @@ async def test_a_batch_function_raising_a_base_exception_does_not_stop_the_loop(
         assert await answered(batcher.submit(1)) == 2
     assert batcher.stats.failed_batches == 1
     assert batcher.stats.loop_errors == 0
+    assert batcher.stats.loop_restarts == 1  # the watchdog's doing (tests/test_batcher_faults.py)
 
 
 # -- isolating failures -----------------------------------------------------
@@ -650,6 +651,7 @@ async def test_aclose_past_its_timeout_fails_queued_and_running_items_with_cance
         assert batcher.stats.queued == 0
         assert batcher.stats.in_flight == 0
         assert batcher.stats.dropped["closed"] == 3
+        assert batcher.stats.loop_restarts == 0  # a cancellation, not a crash
     finally:
         gate.set()
         await batcher.aclose(timeout=10)

@@ -24,6 +24,7 @@ def _slow_server(tmp_path: Path, drain_delay: float, drain_timeout: float) -> di
         max_batch_size=BATCH,
         max_queue=256,
         max_wait_ms=5,
+        queue_timeout_ms=60_000,  # the last of 200 waits ~5 s: over the default on a busy machine
         options={"sleep_ms": BATCH_SECONDS * 1000},
     )
     return {

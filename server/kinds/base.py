@@ -49,6 +49,11 @@ class ModelKind(ABC, Generic[Item]):
         """Running counters this kind exports to /metrics (name -> total)."""
         return {}
 
+    def out_of_resources(self, exc: BaseException) -> bool:
+        """Whether ``exc`` from a batch means out of memory: the batcher then
+        splits the batch and caps later ones (runs in the worker thread)."""
+        return isinstance(exc, torch.OutOfMemoryError | MemoryError)
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
