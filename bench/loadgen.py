@@ -227,6 +227,35 @@ class HttpPool:
                 self._open(index)
 
 
+async def run_pool(pool: HttpPool, schedule: Sequence[float]) -> float:
+    """Send ``schedule`` through ``pool``, wait for the answers (at most the
+    pool's timeout past the last send), close the pool; return the start time.
+
+    ``open_loop`` in the bare; a caller that wants every request's record
+    (``pool.recorder``) or its own pool subclass calls this directly.
+    """
+    recorder = pool.recorder
+
+    async def sweeper() -> None:
+        while True:
+            await asyncio.sleep(_SWEEP_SECONDS)
+            pool.sweep(time.perf_counter())
+
+    sweeping = asyncio.get_running_loop().create_task(sweeper())
+    try:
+        start = await drive(schedule, pool.dispatch, recorder)
+        deadline = start + (schedule[-1] if schedule else 0) + pool.timeout + 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                recorder.all_done.wait(), max(0.0, deadline - time.perf_counter())
+            )
+    finally:
+        sweeping.cancel()
+        await asyncio.gather(sweeping, return_exceptions=True)
+        await pool.aclose()
+    return start
+
+
 @dataclass(frozen=True, slots=True)
 class OpenLoopResult:
     offered_rps: float
@@ -259,24 +288,7 @@ async def open_loop(
     timeout = workload.timeout_s if timeout is None else timeout
     recorder = Recorder(len(schedule))
     pool = HttpPool(host, port, workload, recorder, max_connections, timeout)
-
-    async def sweeper() -> None:
-        while True:
-            await asyncio.sleep(_SWEEP_SECONDS)
-            pool.sweep(time.perf_counter())
-
-    sweeping = asyncio.get_running_loop().create_task(sweeper())
-    try:
-        start = await drive(schedule, pool.dispatch, recorder)
-        deadline = start + (schedule[-1] if schedule else 0) + timeout + 1
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                recorder.all_done.wait(), max(0.0, deadline - time.perf_counter())
-            )
-    finally:
-        sweeping.cancel()
-        await asyncio.gather(sweeping, return_exceptions=True)
-        await pool.aclose()
+    start = await run_pool(pool, schedule)
     ok = recorder.count(OK)
     ended = max(
         (d for d, o in zip(recorder.done, recorder.outcome, strict=True) if o == OK), default=start
