@@ -41,13 +41,13 @@ from starlette.routing import BaseRoute, WebSocketRoute
 from batching import Cancelled, Completion
 from server.asgi import Message, Receive, Scope, Send
 from server.codec import InferRequest, decode_request, encode_response, queue_timeout
-from server.errors import BadRequest, NotFound, PayloadTooLarge, http_error
+from server.errors import BadRequest, NotFound, http_error
 from server.kinds import Result
 from server.limits import refuse
 from server.metrics import Metrics
 from server.models import ModelSet, ServedModel
 from server.settings import Settings
-from server.v2 import unknown_model
+from server.v2 import check_items, unknown_model
 
 logger = logging.getLogger("carpool.server")
 
@@ -297,11 +297,7 @@ class Stream:
                 body = frame[_HEADER.size :]
             request = decode_request(body, model.config, header_length)
             request_id = request.id
-            if request.count > self.max_items:
-                raise PayloadTooLarge(
-                    f"the request has {request.count} items; this server takes at most "
-                    f"{self.max_items} per request"
-                )
+            check_items(request.count, self.max_items, model)
             if request_id is None:
                 raise BadRequest('a stream message needs an "id": its answer carries the same id')
             if request_id in self._tasks:

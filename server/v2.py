@@ -99,6 +99,22 @@ def routes(models: ModelSet, metrics: Metrics, settings: Settings) -> list[BaseR
     ]
 
 
+def check_items(count: int, max_items: int, model: ServedModel) -> None:
+    """413 for a request with more items than the server takes in one request,
+    or than the model's whole queue holds: a 503 would invite a retry that can
+    never fit."""
+    if count > max_items:
+        raise PayloadTooLarge(
+            f"the request has {count} items; this server takes at most "
+            f"{max_items} per request (CARPOOL_MAX_ITEMS_PER_REQUEST)"
+        )
+    if count > model.config.max_queue:
+        raise PayloadTooLarge(
+            f"the request has {count} items; model {model.config.name!r} queues at most "
+            f"{model.config.max_queue} (max_queue in its model.toml): split the request"
+        )
+
+
 def unknown_model(models: ModelSet, name: str, version: str | None) -> str:
     served = sorted(model.config.name for model in models)
     if version is not None and models.get(name) is not None:
@@ -131,11 +147,7 @@ class InferEndpoint:
             request = decode_request(
                 body, model.config, int_header(scope, b"inference-header-content-length")
             )
-            if request.count > self.max_items:
-                raise PayloadTooLarge(
-                    f"the request has {request.count} items; this server takes at most "
-                    f"{self.max_items} (CARPOOL_MAX_ITEMS_PER_REQUEST)"
-                )
+            check_items(request.count, self.max_items, model)
             items = model.kind.split(request)
             timeout = queue_timeout(
                 model.config, request.parameters, int_header(scope, b"x-carpool-timeout-ms")

@@ -17,6 +17,7 @@ import orjson
 import pytest
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from websockets.asyncio.client import connect
 
 from server import cli
 from server.codec import InferRequest
@@ -139,6 +140,24 @@ async def test_more_items_than_the_limit_get_413_within_the_byte_limit(limited: 
     assert answer.status_code == 413
     assert recorder("echo").computed.count(1.0) == 0
     await still_serving(limited.url)
+
+
+async def test_more_items_than_the_model_queue_holds_get_413_not_a_503_to_retry(
+    tmp_path: Path,
+) -> None:
+    root = model_dir(tmp_path, "small", max_queue=4)
+    with in_thread(Settings(models_dir=root, torch_threads=1)) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=WAIT) as client:
+            answer = await client.post("/v2/models/small/infer", json=infer_body([1.0] * 5))
+            assert answer.status_code == 413
+            assert "max_queue" in answer.json()["error"]
+            fits = await client.post("/v2/models/small/infer", json=infer_body([1.0] * 4))
+            assert fits.status_code == 200
+        async with connect(f"ws://127.0.0.1:{running.port}/v2/models/small/stream") as stream:
+            await stream.send(orjson.dumps({"id": "a", **infer_body([1.0] * 5)}).decode())
+            error = orjson.loads(await stream.recv())
+            assert (error["id"], error["status"]) == ("a", 413)
+    assert recorder("small").computed == [1.0] * 4
 
 
 async def test_json_nested_100000_deep_gets_400_and_the_server_serves_on(
