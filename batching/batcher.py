@@ -46,6 +46,7 @@ from batching.errors import (
     Cancelled,
     Closed,
     DeadlineExceeded,
+    Hung,
     InternalError,
     OutOfResources,
     Overloaded,
@@ -71,6 +72,11 @@ class BatchPolicy:
     # After an out-of-resources failure, batches stay at most half the size
     # that failed for this long.
     shrink_seconds: float = 60.0
+    # A forward pass running longer than this is given up on: its callers
+    # get ``Hung``, the instance restarts on a fresh thread, and
+    # ``hung_forwards`` counts the abandoned threads until they return.
+    # None: wait for ever.
+    hang_seconds: float | None = 30.0
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -79,6 +85,8 @@ class BatchPolicy:
             raise ValueError("max_wait must not be negative")
         if self.max_queue < 1:
             raise ValueError("max_queue must be at least 1")
+        if self.hang_seconds is not None and self.hang_seconds <= 0:
+            raise ValueError("hang_seconds must be positive (or None)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +112,9 @@ class BatcherStats:
     isolated_items: int = 0  # items that failed alone (poison or out of resources)
     transient_errors: int = 0  # failed batches whose halves then all succeeded
     loop_errors: int = 0  # our own errors the loop caught and survived
-    loop_restarts: int = 0  # loops the watchdog restarted after a BaseException
+    loop_restarts: int = 0  # loops the watchdog restarted after a BaseException or a hang
+    hangs: int = 0  # forward passes given up on after hang_seconds
+    hung_forwards: int = 0  # of those, the ones whose thread is still running
     dropped: dict[str, int] = field(
         default_factory=lambda: {
             "overloaded": 0,
@@ -361,12 +371,15 @@ class Batcher(Generic[Item, Result]):
             except BaseException as exc:  # SystemExit, KeyboardInterrupt: never past this task
                 fault = exc
             self.stats.loop_restarts += 1
-            logger.error(
-                "%s: the batch loop of instance %d died; restarting it on a fresh thread",
-                self.name,
-                index,
-                exc_info=fault,
-            )
+            if isinstance(fault, _HungForward):
+                logger.error("%s; instance %d restarts on a fresh thread", fault, index)
+            else:
+                logger.error(
+                    "%s: the batch loop of instance %d died; restarting it on a fresh thread",
+                    self.name,
+                    index,
+                    exc_info=fault,
+                )
             self._executors[index].shutdown(wait=False)
             self._executors[index] = self._executor(index)
             await asyncio.sleep(0.01)  # a fault that repeats must not spin the event loop
@@ -475,7 +488,12 @@ class Batcher(Generic[Item, Result]):
         began = time.monotonic()
         outcome: _Outcome[Result] | None = None
         try:
-            outcome = await loop.run_in_executor(executor, self._compute, fn, items)
+            future = loop.run_in_executor(executor, self._compute, fn, items)
+            if self.policy.hang_seconds is not None:
+                done, _ = await asyncio.wait({future}, timeout=self.policy.hang_seconds)
+                if not done:
+                    self._give_up(future, began)
+            outcome = await future
             seconds = time.monotonic() - began
             self._batch_seconds = (
                 seconds if not stats.batches else 0.9 * self._batch_seconds + 0.1 * seconds
@@ -504,6 +522,25 @@ class Batcher(Generic[Item, Result]):
         finally:
             stats.in_flight -= size
 
+    def _give_up(self, future: asyncio.Future[_Outcome[Result]], began: float) -> None:
+        """A forward pass has hung: leave its thread to itself (Python cannot
+        stop a thread) and raise past the loop, so the watchdog restarts the
+        instance on a fresh thread; until the hung thread returns, if ever,
+        ``hung_forwards`` stays up and the model reports not ready."""
+        stats = self.stats
+        stats.hangs += 1
+        stats.hung_forwards += 1
+
+        def returned(_: asyncio.Future[_Outcome[Result]]) -> None:
+            stats.hung_forwards -= 1
+            logger.warning("%s: a hung forward pass returned after all", self.name)
+
+        future.add_done_callback(returned)
+        raise _HungForward(
+            f"{self.name}: a forward pass has run {time.monotonic() - began:.1f} s, "
+            f"over the {self.policy.hang_seconds} s hang limit"
+        )
+
     def _abandon(self, batch: list[_Segment[Item, Result]], exc: BaseException) -> None:
         """Fail the callers of a batch whose run ended without an outcome."""
         error: BatchingError
@@ -511,6 +548,8 @@ class Batcher(Generic[Item, Result]):
         if isinstance(exc, asyncio.CancelledError) and _cancelling():
             error = Cancelled(f"{self.name} shut down while this request was running")
             reason = "closed"
+        elif isinstance(exc, _HungForward):
+            error = Hung(f"the model did not answer within {self.policy.hang_seconds} s")
         elif isinstance(exc, Exception):
             error = InternalError(f"{self.name} failed while running this request's batch")
         else:  # the model raised past Exception; the watchdog restarts the loop
@@ -635,6 +674,11 @@ class Batcher(Generic[Item, Result]):
                         pending.batch_size,
                     )
                 )
+
+
+class _HungForward(BaseException):
+    """Raised past the batch loop when a forward pass hangs, so that the
+    watchdog restarts the instance on a fresh thread."""
 
 
 def _cancelling() -> bool:

@@ -9,6 +9,8 @@
      │                       the batch was split down to this item
      ├── BatchFailed         the batch function raised, or returned the wrong
      │                       number of results; ``__cause__`` holds the error
+     ├── Hung                the forward pass ran past the hang limit; its
+     │                       thread was abandoned and a fresh one serves on
      └── InternalError       the batcher itself failed while running the batch
                              (a bug of ours, not the model's or the input's)
 
@@ -60,6 +62,12 @@ class BatchFailed(BatchingError):
     def __init__(self, message: str, *, item_error: bool = False) -> None:
         super().__init__(message)
         self.item_error = item_error
+
+
+class Hung(BatchingError):
+    """The forward pass holding this item ran longer than the policy's
+    ``hang_seconds``: it was given up on (its thread cannot be killed and is
+    left to finish or not), and the instance serves on from a fresh thread."""
 
 
 class InternalError(BatchingError):

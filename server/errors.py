@@ -26,7 +26,15 @@ from dataclasses import dataclass
 
 import orjson
 
-from batching import BatchFailed, Cancelled, Closed, DeadlineExceeded, OutOfResources, Overloaded
+from batching import (
+    BatchFailed,
+    Cancelled,
+    Closed,
+    DeadlineExceeded,
+    Hung,
+    OutOfResources,
+    Overloaded,
+)
 
 logger = logging.getLogger("carpool.server")
 
@@ -77,6 +85,8 @@ def http_error(exc: BaseException) -> ErrorResponse:
         headers.append((b"retry-after", b"1"))
     elif isinstance(exc, DeadlineExceeded):
         status, reason = 504, "deadline_exceeded"
+    elif isinstance(exc, Hung):
+        status, reason = 504, "model_hung"
     elif isinstance(exc, OutOfResources | BatchFailed):
         if isinstance(exc, OutOfResources):
             status, reason = 507, "insufficient_resources"

@@ -176,7 +176,17 @@ class _BatcherCollector(Collector):
                 "BaseException (SystemExit, KeyboardInterrupt, ...) escaped them.",
                 labels=["model"],
             ),
+            "hangs": CounterMetricFamily(
+                "carpool_hung_forwards",
+                "Forward passes given up on after hang_timeout_ms (their callers got 504).",
+                labels=["model"],
+            ),
         }
+        stuck = GaugeMetricFamily(
+            "carpool_hung_forwards_running",
+            "Given-up forward passes whose thread has not returned (the model is not ready).",
+            labels=["model"],
+        )
         dropped = CounterMetricFamily(
             "carpool_dropped_items", "Items never computed, by reason.", labels=["model", "reason"]
         )
@@ -191,6 +201,7 @@ class _BatcherCollector(Collector):
             flight.add_metric([name], stats.in_flight)
             ready.add_metric([name], 1.0 if model.ready else 0.0)
             cap.add_metric([name], model.batcher.batch_cap)
+            stuck.add_metric([name], stats.hung_forwards)
             batches.add_metric([name], stats.batches)
             items.add_metric([name], stats.items)
             failed.add_metric([name], stats.failed_batches)
@@ -201,4 +212,5 @@ class _BatcherCollector(Collector):
             for figure, value in model.kind.figures().items():
                 kind.add_metric([name, figure], value)
         yield cap
+        yield stuck
         yield from (depth, flight, ready, batches, items, failed, *counters.values(), dropped, kind)

@@ -33,7 +33,9 @@ class ServedModel:
 
     @property
     def ready(self) -> bool:
-        return self.batcher.accepting
+        # a forward pass that hung is still holding its thread (and maybe the
+        # device): not ready until it returns, so balancers look elsewhere
+        return self.batcher.accepting and self.batcher.stats.hung_forwards == 0
 
 
 class ModelSet:
@@ -72,6 +74,7 @@ class ModelSet:
                 max_queue=config.max_queue,
                 eager=config.eager,
                 isolate_errors=config.isolate_errors,
+                hang_seconds=config.hang_timeout_ms / 1000 if config.hang_timeout_ms else None,
             )
             batcher: Batcher[Any, Result] = Batcher(
                 fns,

@@ -72,6 +72,9 @@ class ModelConfig:
     eager: bool = True
     isolate_errors: bool = True
     queue_timeout_ms: float = 5000.0
+    # a forward pass running longer is given up on: 504 model_hung, the
+    # instance restarts on a fresh thread, not ready until it returns (0: never)
+    hang_timeout_ms: float = 30_000.0
     device: str = "auto"
     instances: int = 1
     version: str = "1"
@@ -125,6 +128,7 @@ _SCALARS: dict[str, type | tuple[type, ...]] = {
     "eager": bool,
     "isolate_errors": bool,
     "queue_timeout_ms": (int, float),
+    "hang_timeout_ms": (int, float),
     "device": str,
     "instances": int,
     "version": str,
@@ -155,8 +159,10 @@ def _config(raw: dict[str, Any], folder: Path) -> ModelConfig:
         raise ValueError(f"device = {config.device!r}; expected auto, cpu, cuda or cuda:N")
     if min(config.max_batch_size, config.max_queue, config.instances) < 1:
         raise ValueError("max_batch_size, max_queue and instances must be at least 1")
-    if config.max_wait_ms < 0 or config.queue_timeout_ms <= 0:
-        raise ValueError("max_wait_ms must not be negative, queue_timeout_ms must be positive")
+    if config.max_wait_ms < 0 or config.queue_timeout_ms <= 0 or config.hang_timeout_ms < 0:
+        raise ValueError(
+            "max_wait_ms and hang_timeout_ms must not be negative, queue_timeout_ms must be positive"
+        )
     if not config.inputs or not config.outputs:
         raise ValueError("a model needs at least one input and one output")
     for specs in (config.inputs, config.outputs):

@@ -22,7 +22,9 @@ raises IndexError), ``unserializable_at`` (that item's output is an object
 no encoder takes), ``fail_sizing_at`` (the forward raises ``SizingTrap``,
 and the kind's ``out_of_resources`` check, which sizes later batches, raises
 RuntimeError on it), ``crash_at`` (the forward raises ``WorkerCrash``, a
-BaseException: the batcher's watchdog must restart the loop).
+BaseException: the batcher's watchdog must restart the loop), ``hang_at``
+(the forward blocks until the recorder's ``release`` event is set: a hung
+model the hang watchdog must give up on).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Recorder:
     gate: threading.Event = field(default_factory=threading.Event)
     entered: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    release: threading.Event = field(default_factory=threading.Event)  # ends hang_at
 
     def __post_init__(self) -> None:
         self.gate.set()
@@ -103,6 +106,7 @@ class EchoKind(ModelKind[float]):
         unserializable_at = options.get("unserializable_at")
         sizing_at = options.get("fail_sizing_at")
         crash_at = options.get("crash_at")
+        hang_at = options.get("hang_at")
 
         def run(xs: list[float]) -> Sequence[Result]:
             if xs == [-1.0]:
@@ -113,6 +117,8 @@ class EchoKind(ModelKind[float]):
                 record.batches.append(list(xs))
             if sleep:
                 time.sleep(sleep)
+            if hang_at is not None and hang_at in xs:
+                record.release.wait()
             if collate_at is not None and collate_at in xs:
                 raise TypeError(f"cannot collate {collate_at} into a batch tensor")
             if crash_at is not None and crash_at in xs:
