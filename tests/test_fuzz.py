@@ -7,16 +7,24 @@ to a real server with short header and body deadlines. Every case must get
 an answer or a close (never a hang), no answer may be a 5xx, and the server
 serves normally afterwards. ``CARPOOL_FUZZ_CASES`` sets the number of cases:
 300 here, more under ``make fuzz``.
+
+Coverage-guided fuzzing (R19's atheris half): each target of
+tests/fuzz/targets.py runs for ``CARPOOL_ATHERIS_SECONDS`` (100 here, so
+5 minutes for the three; ``make atheris`` runs them for a CPU-hour), and a
+planted bug of each kind (exception, slow input, memory) must fail its run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import platform
 import random
 import re
+import subprocess
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import httpx
 import orjson
@@ -30,6 +38,7 @@ from tests.fakes import infer_body, model_dir
 from tests.servers import ROOT, Running, in_thread
 
 CASES = int(os.environ.get("CARPOOL_FUZZ_CASES", "300"))
+ATHERIS_SECONDS = int(os.environ.get("CARPOOL_ATHERIS_SECONDS", "100"))
 SEED = int(os.environ.get("CARPOOL_FUZZ_SEED", "20261123"))
 DEADLINE = 0.5  # header and body deadlines of the fuzzed server, seconds
 WAIT = 10.0  # an answer or a close must come within this
@@ -345,3 +354,65 @@ async def test_a_model_error_naming_a_server_file_does_not_reveal_the_path(
     assert answer.status_code in (422, 500)
     assert "error" in answer.json()
     assert revealing(answer.content) == []
+
+
+# -- coverage-guided: atheris ----------------------------------------------------------
+
+linux_only = pytest.mark.skipif(
+    sys.platform != "linux" or platform.machine() != "x86_64",
+    reason="atheris has a wheel for x86-64 Linux only (pyproject.toml's dev extra)",
+)
+
+
+def atheris(target: str, seconds: int, workdir: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m tests.fuzz TARGET``, run to its end (libFuzzer reports on stderr)."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.fuzz",
+            target,
+            f"--seconds={seconds}",
+            f"--workdir={workdir}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 120,
+        check=False,
+    )
+
+
+@linux_only
+@pytest.mark.timeout(ATHERIS_SECONDS + 180)
+@pytest.mark.parametrize("target", ["json", "binary", "stream"])
+def test_atheris_finds_no_unexpected_exception_slow_input_or_memory_growth(
+    tmp_path: Path, target: str
+) -> None:
+    run = atheris(target, ATHERIS_SECONDS, tmp_path)
+    assert run.returncode == 0, run.stderr[-4000:]
+    done = re.search(r"Done (\d+) runs", run.stderr)
+    assert done is not None, run.stderr[-4000:]
+    assert int(done.group(1)) >= 1000  # it fuzzed, it did not just start
+    assert 0 < int((tmp_path / "peak_rss_mib").read_text()) < 512
+    # no crash-*, timeout-* or oom-* input kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "peak_rss_mib"]
+
+
+@linux_only
+@pytest.mark.parametrize(
+    ("target", "finding"),
+    [
+        ("control-exception", "Uncaught Python exception"),
+        ("control-slow", "libFuzzer: timeout"),
+        ("control-memory", "ERROR: out-of-memory"),
+    ],
+)
+def test_atheris_fails_the_run_on_each_kind_of_finding(
+    tmp_path: Path, target: str, finding: str
+) -> None:
+    run = atheris(target, 60, tmp_path)
+    assert run.returncode != 0
+    assert finding in run.stdout + run.stderr
+    kept = [p.name for p in tmp_path.iterdir() if p.name not in {"corpus", "peak_rss_mib"}]
+    assert kept  # the input that did it

@@ -4,6 +4,7 @@
     module = "model.py"          # a file in the model folder
     class = "DigitsNet"          # an nn.Module subclass in it
     weights = "model.safetensors"
+    allow_pickle = false         # true: a .pt/.pth loads weights-only (torch >= 2.10)
     kwargs = {}                  # passed to the class
     half = false                 # FP16 on CUDA
 
@@ -74,7 +75,9 @@ class TensorKind(ModelKind[Row]):
                 f"{config.folder}: options.class is not an nn.Module in options.module"
             )
         net = cls(**option(config, "kwargs", dict, {}))
-        net.load_state_dict(load_state_dict(config.folder / option(config, "weights", str)))
+        weights = config.folder / option(config, "weights", str)
+        allow_pickle = option(config, "allow_pickle", bool, False)
+        net.load_state_dict(load_state_dict(weights, allow_pickle=allow_pickle))
         half = option(config, "half", bool, False) and device.type == "cuda"
         net = net.eval().to(device)
         if half:

@@ -1,0 +1,1 @@
+"""Coverage-guided fuzzing with atheris (RELIABILITY R19): see targets.py."""
