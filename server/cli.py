@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import resource
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,10 +49,25 @@ def serve_forever(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    raise_open_files_limit()
     app = create_app(settings)
     warn_if_exposed(settings)
     config = uvicorn_config(app, settings)
     Server(config, app.state, settings.drain_delay, settings.drain_timeout).run()
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit; the new soft limit.
+
+    Every connection is a file descriptor, and a soft limit of 1024 (a common
+    default) is used up by a thousand idle or slow clients; past it, accept()
+    fails and real clients cannot connect. The hard limit is the operator's.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def uvicorn_config(app: Starlette, settings: Settings, **overrides: Any) -> uvicorn.Config:

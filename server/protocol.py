@@ -30,7 +30,11 @@ import asyncio
 from typing import Any
 
 import orjson
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from server.settings import Settings
 
@@ -62,6 +66,8 @@ class DeadlineProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._lingering = False
+        # requests still being answered when a pipelined one arrived behind them
+        self._ahead: list[RequestResponseCycle] = []
 
     # -- connection ---------------------------------------------------------
 
@@ -73,6 +79,15 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        # uvicorn tells only the newest request (``self.cycle``) that the
+        # client left; one ahead of a pipelined request would go on to write
+        # its answer into the closed transport (an error in the log instead
+        # of a cancellation; found by killing clients, tests/test_cancellation.py)
+        for cycle in self._ahead:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        self._ahead.clear()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -126,7 +141,11 @@ class DeadlineProtocol(HttpToolsProtocol):
         self._head_bytes = 0
 
     def on_headers_complete(self) -> None:
+        ahead = self.cycle
         super().on_headers_complete()
+        if ahead is not None and ahead is not self.cycle and not ahead.response_complete:
+            self._ahead = [c for c in self._ahead if not c.response_complete]
+            self._ahead.append(ahead)
         self._phase = _BODY
         self._started = self.loop.time()
 

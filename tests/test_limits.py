@@ -332,12 +332,17 @@ async def test_a_websocket_handshake_that_never_completes_is_closed_by_the_heade
     await still_serving(limited.url)
 
 
-async def trickle(port: int, start: bytes, more: bytes, pace: float) -> bytes:
+async def trickle(port: int, start: bytes, more: bytes, pace: float) -> tuple[bytes, float]:
     """Send ``start``, then ``more`` one byte per ``pace`` seconds until the
-    server closes the connection (at most WAIT seconds); what it answered."""
+    server closes the connection (at most WAIT seconds): what it answered,
+    and the seconds from connect to its close."""
+    loop = asyncio.get_running_loop()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    opened = loop.time()
+    closed: list[float] = []
     try:
         answer = asyncio.ensure_future(reader.read())  # everything, up to EOF
+        answer.add_done_callback(lambda _: closed.append(loop.time()))
         writer.write(start)
         for byte in more[: int(WAIT / pace)]:
             if answer.done():
@@ -348,7 +353,8 @@ async def trickle(port: int, start: bytes, more: bytes, pace: float) -> bytes:
             except ConnectionError:
                 break
             await asyncio.sleep(pace)
-        return await asyncio.wait_for(answer, WAIT)
+        got = await asyncio.wait_for(answer, WAIT)
+        return got, closed[0] - opened
     finally:
         writer.close()
 
@@ -358,7 +364,9 @@ async def test_blank_lines_trickled_between_requests_do_not_hold_the_connection(
 ) -> None:
     # they cancel uvicorn's keep-alive timeout without beginning a request
     # (found while writing these tests)
-    answer = await trickle(limited.port, b"GET /v2 HTTP/1.1\r\nhost: t\r\n\r\n", b"\n" * 1000, 0.2)
+    answer, _ = await trickle(
+        limited.port, b"GET /v2 HTTP/1.1\r\nhost: t\r\n\r\n", b"\n" * 1000, 0.2
+    )
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert answer.count(b"HTTP/1.1") == 1  # then closed, without an answer to blank lines
     await still_serving(limited.url)
@@ -385,16 +393,21 @@ async def test_slow_headers_and_slow_bodies_are_cut_off_while_others_are_served(
                 await asyncio.sleep(0.02)
             return codes
 
-        *answers, codes = await asyncio.wait_for(
-            asyncio.gather(*clients, normal_traffic()), WAIT * 2
+        trickled, codes = await asyncio.wait_for(
+            asyncio.gather(asyncio.gather(*clients), normal_traffic()), WAIT * 2
         )
         assert codes == [200] * 40
-        assert len(answers) == 75
+        assert len(trickled) == 75
+        answers = [answer for answer, _ in trickled]
         for answer in answers[:70]:
-            assert isinstance(answer, bytes)
             assert answer.startswith(b"HTTP/1.1 408 "), answer[:40]
             assert b"connection: close" in answer
         assert answers[70:] == [b""] * 5  # a connection that never spoke is just closed
+        # each closed at its deadline: not before it, and not long after it
+        # (the bound is loose: the machine may be busy)
+        opened_for = sorted(seconds for _, seconds in trickled)
+        assert opened_for[0] >= DEADLINE - 0.05, opened_for[:3]
+        assert opened_for[-1] <= DEADLINE + 2.0, opened_for[-3:]
         for _ in range(int(WAIT / 0.05)):  # the server has released every connection
             if fd_count() <= baseline:
                 break
