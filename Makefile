@@ -61,13 +61,29 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m bench --quick
 
-# Fuzzing at length, not part of `make test` (which runs 50 schemathesis
-# examples per infer operation and 300 raw-socket cases): 2,000 examples per
-# operation against /openapi.json, and 5,000 mutated requests (minutes).
+# Fuzzing at length, not part of `make test` (which already runs R18's 2,000
+# schemathesis examples per infer operation, 3.4 minutes on an idle 2-core
+# machine, with 300 raw-socket cases and 100 s of atheris per target): 20,000
+# examples per infer operation against /openapi.json (R18's nightly figure)
+# and 5,000 mutated requests (about half an hour; `make atheris` for the
+# coverage-guided hour).
 .PHONY: fuzz
 fuzz: install
-	CARPOOL_FUZZ_EXAMPLES=2000 CARPOOL_FUZZ_CASES=5000 \
+	CARPOOL_FUZZ_EXAMPLES=20000 CARPOOL_FUZZ_CASES=5000 \
 		$(BIN)/pytest -o timeout=3600 tests/test_openapi.py tests/test_fuzz.py
+
+# Coverage-guided fuzzing at length, not part of `make test` (which gives each
+# target 100 s): atheris on the JSON body, binary tensor and WebSocket message
+# parsers (tests/fuzz), ATHERIS_SECONDS each; the default 1,200 makes one
+# CPU-hour for the three. Each run stops at its first finding (an exception
+# other than our BadRequest, an input over 1 s, RSS over 512 MiB), which it
+# keeps, with its corpus, in the temp dir it names.
+ATHERIS_SECONDS ?= 1200
+.PHONY: atheris
+atheris: install
+	for target in json binary stream; do \
+		$(BIN)/python -m tests.fuzz $$target --seconds $(ATHERIS_SECONDS) || exit 1; \
+	done
 
 # The soak, not part of `make test` (which runs 3,000 requests and the leak
 # control): 100,000 mixed requests against one server, RSS and open fds
@@ -75,3 +91,22 @@ fuzz: install
 .PHONY: soak
 soak: install
 	$(BIN)/python -m bench.soak --requests 100000
+
+# Slow clients, not part of `make test` (which runs 75 trickling connections
+# against 1 s deadlines): 1,000 connections sending headers and 200 sending
+# bodies at 1 byte/s against 10 s deadlines, while open-loop traffic runs at
+# 0.5x C; judged on that traffic's failures and p99, each slow connection's
+# close time and 408, and the server's fds afterwards (RELIABILITY R20; about
+# 2 minutes). SLOW_CLIENTS_FLAGS=--no-pin on a machine others share.
+.PHONY: slow-clients
+slow-clients: install
+	$(BIN)/python -m bench.slowloris $(SLOW_CLIENTS_FLAGS)
+
+# Overload, not part of `make test` (which runs 4 s phases): one server is
+# calibrated to its sustainable rate C, then offered 1x, 2x and 10x C and
+# 0.5x C (recovery), 120 s each, open loop, with live/ready probed every
+# second; judged on goodput, latency, rejections, recovery and RSS
+# (RELIABILITY R3-R5; about 10 minutes).
+.PHONY: overload
+overload: install
+	$(BIN)/python -m bench.overload --phase-seconds 120
