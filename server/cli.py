@@ -53,7 +53,9 @@ def serve_forever(settings: Settings) -> None:
     app = create_app(settings)
     warn_if_exposed(settings)
     config = uvicorn_config(app, settings)
-    Server(config, app.state, settings.drain_delay, settings.drain_timeout).run()
+    # the heap is frozen after start-up only here, where the process is ours
+    # (a test server in a thread would freeze the test process's heap)
+    Server(config, app.state, settings.drain_delay, settings.drain_timeout, True).run()
 
 
 def raise_open_files_limit() -> int:
