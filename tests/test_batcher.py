@@ -375,6 +375,40 @@ async def test_running_out_of_memory_splits_the_batch_and_caps_later_batches() -
     assert calls == [[0], [1, 2, 3, 4], [1, 2], [3, 4], [5, 6], [7, 8]]
 
 
+async def test_the_cap_after_running_out_of_memory_lifts_after_shrink_seconds() -> None:
+    """R4: no adaptive limit stays below its configured value once its time is up."""
+    roomy = threading.Event()  # set: the model has memory for whole batches again
+    calls: list[list[int]] = []
+
+    def double(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        if len(items) > 2 and not roomy.is_set():
+            raise MemoryError("batch too large")
+        return [2 * x for x in items]
+
+    policy = BatchPolicy(
+        max_batch_size=4, eager=False, max_wait=0.05, isolate_errors=True, shrink_seconds=0.2
+    )
+    async with Batcher([double], policy) as batcher:
+        assert await answered(asyncio.gather(*(batcher.submit(x) for x in (1, 2, 3, 4)))) == [
+            2,
+            4,
+            6,
+            8,
+        ]
+        assert batcher.batch_cap == 2
+        roomy.set()
+        await asyncio.sleep(0.3)
+        assert await answered(asyncio.gather(*(batcher.submit(x) for x in (5, 6, 7, 8)))) == [
+            10,
+            12,
+            14,
+            16,
+        ]
+        assert batcher.batch_cap == 4
+    assert calls[-1] == [5, 6, 7, 8]  # one whole batch again
+
+
 async def test_an_item_that_runs_out_of_memory_alone_fails_with_out_of_resources() -> None:
     def double(items: list[int]) -> list[int]:
         if 99 in items:
