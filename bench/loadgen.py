@@ -289,13 +289,18 @@ async def open_loop(
     recorder = Recorder(len(schedule))
     pool = HttpPool(host, port, workload, recorder, max_connections, timeout)
     start = await run_pool(pool, schedule)
+    return summarize(recorder, rate, len(schedule), start)
+
+
+def summarize(recorder: Recorder, rate: float, requests: int, start: float) -> OpenLoopResult:
+    """The figures of a finished open-loop run whose schedule began at ``start``."""
     ok = recorder.count(OK)
     ended = max(
         (d for d, o in zip(recorder.done, recorder.outcome, strict=True) if o == OK), default=start
     )
     return OpenLoopResult(
         offered_rps=rate,
-        requests=len(schedule),
+        requests=requests,
         ok=ok,
         failed=recorder.count(FAILED),
         wrong=recorder.count(WRONG),

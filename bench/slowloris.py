@@ -54,13 +54,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.client import Connection, open_connection, request_bytes
-from bench.loadgen import PENDING, TIMEOUT, HttpPool, OpenLoopResult, Recorder
+from bench.loadgen import HttpPool, OpenLoopResult, Recorder, summarize
 from bench.loopback import HOST, require_loopback
 from bench.procs import cpu_seconds
 from bench.schedule import poisson_schedule
-from bench.stats import Latency, percentile
+from bench.stats import percentile
 from bench.trickle import Closed, attacker, raise_open_files, run_loop
-from bench.workloads import FAILED, OK, WRONG, Workload
+from bench.workloads import OK, Workload
 
 ROOT = Path(__file__).resolve().parent.parent
 P99_FACTOR = 1.2
@@ -389,22 +389,7 @@ async def steady_load(
             pool.sweep(time.perf_counter())
     finally:
         await pool.aclose()
-    ok = recorder.count(OK)
-    ended = max(
-        (d for d, o in zip(recorder.done, recorder.outcome, strict=True) if o == OK), default=start
-    )
-    return OpenLoopResult(
-        offered_rps=rate,
-        requests=len(schedule),
-        ok=ok,
-        failed=recorder.count(FAILED),
-        wrong=recorder.count(WRONG),
-        timeouts=recorder.count(TIMEOUT) + recorder.count(PENDING),
-        achieved_rps=ok / max(ended - start, 1e-9),
-        latency=Latency.of(recorder.latencies()),
-        send_lag=Latency.of(recorder.send_lags()),
-        reasons=tuple(recorder.reasons),
-    )
+    return summarize(recorder, rate, len(schedule), start)
 
 
 def _figures(run: OpenLoopResult, server_cpu: float) -> dict[str, float]:
