@@ -55,7 +55,7 @@ def serve_forever(settings: Settings) -> None:
     config = uvicorn_config(app, settings)
     # the heap is frozen after start-up only here, where the process is ours
     # (a test server in a thread would freeze the test process's heap)
-    Server(config, app.state, settings.drain_delay, settings.drain_timeout, True).run()
+    Server(config, app.state, settings.drain_delay, settings.drain_timeout, freeze_heap=True).run()
 
 
 def raise_open_files_limit() -> int:

@@ -262,7 +262,7 @@ def test_serve_pins_the_httptools_protocol_with_deadlines_and_websockets_sansio(
     configs: list[uvicorn.Config] = []
 
     class Captured:
-        def __init__(self, config: uvicorn.Config, *args: object) -> None:
+        def __init__(self, config: uvicorn.Config, *args: object, **options: object) -> None:
             configs.append(config)
 
         def run(self) -> None:

@@ -615,20 +615,29 @@ async def test_sigterm_answers_every_request_of_100_streams_then_closes_each_wit
         assert time.monotonic() - signalled[0] <= DRAIN_TIMEOUT
 
 
+class _PlainServer(uvicorn.Server):
+    """uvicorn's own Server, telling when it listens."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.up = threading.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.up.set()
+
+
 @contextmanager
 def plain_uvicorn(settings: Settings) -> Iterator[tuple[str, uvicorn.Server]]:
     """carpool's app under uvicorn's own Server: its shutdown, without the drain."""
     app = create_app(settings)
     config = uvicorn_config(app, settings, port=0, log_level="critical")
-    server = uvicorn.Server(config)
+    server = _PlainServer(config)
     thread = threading.Thread(target=server.run, name="plain-uvicorn", daemon=True)
     thread.start()
     try:
-        for _ in range(int(WAIT / 0.02)):
-            if server.started or not thread.is_alive():
-                break
-            time.sleep(0.02)
-        assert server.started, "plain uvicorn did not start"
+        while not server.up.wait(0.05):
+            assert thread.is_alive(), "plain uvicorn did not start"
         yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", server
     finally:
         server.should_exit = True
