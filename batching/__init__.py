@@ -1,13 +1,10 @@
-"""carpool's micro-batcher: the standard library only, no HTTP, no torch."""
+"""carpool's micro-batcher: the standard library only, no HTTP, no torch.
 
-from batching.batcher import (
-    Batcher,
-    BatcherStats,
-    BatchListener,
-    BatchPolicy,
-    Completion,
-    ResourceCheck,
-)
+``Batcher`` is the front door; ``BatchPolicy`` its knobs; ``batching.errors``
+draws the tree of errors a caller can get.
+"""
+
+from batching.batcher import Batcher
 from batching.errors import (
     BatchFailed,
     BatchingError,
@@ -16,8 +13,18 @@ from batching.errors import (
     DeadlineExceeded,
     Hung,
     InternalError,
+    ModelFailed,
+    NotRun,
     OutOfResources,
     Overloaded,
+    Refused,
+)
+from batching.policy import (
+    BatcherStats,
+    BatchListener,
+    BatchPolicy,
+    Completion,
+    ResourceCheck,
 )
 
 __all__ = [
@@ -30,10 +37,13 @@ __all__ = [
     "Cancelled",
     "Closed",
     "Completion",
-    "ResourceCheck",
     "DeadlineExceeded",
     "Hung",
     "InternalError",
+    "ModelFailed",
+    "NotRun",
     "OutOfResources",
     "Overloaded",
+    "Refused",
+    "ResourceCheck",
 ]

@@ -1,4 +1,5 @@
-"""The batch loop survives every fault around the forward pass
+"""One model instance, specified: its loop survives every fault around the
+forward pass, and the watchdog restarts it on a fresh thread when it must
 (RELIABILITY R13, tier U; ray-project/ray#66140 is the failure it guards
 against: an exception in the batch-size callback killed the loop and every
 later request hung).
@@ -9,36 +10,26 @@ batch it hit, with ``InternalError``, and counts in ``stats.loop_errors``.
 A ``BaseException`` from the model fails its batch with ``BatchFailed`` and
 the watchdog restarts the loop on a fresh worker thread
 (``stats.loop_restarts``). After each: 1,000 follow-up items succeed, and
-no caller waits longer than a fixed bound.
+no caller waits longer than a fixed bound. Every instance serves at once,
+each on its own thread, and the listener hears of every batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from batching import Batcher, BatchFailed, BatchPolicy, InternalError
+from tests.batching.waiting import answered, eventually
 
-T = TypeVar("T")
 FOLLOW_UPS = 1000
-POLICY = BatchPolicy(max_batch_size=8, max_wait=0.001, max_queue=FOLLOW_UPS)
-
-
-async def answered(call: Awaitable[T]) -> T:
-    """Await ``call``, failing rather than hanging if it is never answered."""
-    return await asyncio.wait_for(call, timeout=10)
-
-
-async def eventually(condition: Callable[[], bool]) -> None:
-    for _ in range(10_000):
-        if condition():
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError("the condition never held")
+# Isolation off, as these tests were written: a failing batch fails whole, and
+# the BaseException tests run the unsplit path (the isolated one says so).
+POLICY = BatchPolicy(max_batch_size=8, max_wait=0.001, max_queue=FOLLOW_UPS, isolate_errors=False)
 
 
 async def serves_on(batcher: Batcher[int, int]) -> None:
@@ -118,7 +109,8 @@ async def test_a_bug_while_forming_a_batch_loses_no_queued_item(
 ) -> None:
     gate = threading.Event()
     batcher: Batcher[int, int] = Batcher([gated_double(gate)], POLICY)
-    take = batcher._take
+    queue = batcher._queue
+    take = queue.take
     raised: list[int] = []
 
     def take_once_broken(now: float) -> Any:
@@ -127,7 +119,7 @@ async def test_a_bug_while_forming_a_batch_loses_no_queued_item(
             raise RuntimeError("bug in batch formation")
         return take(now)
 
-    monkeypatch.setattr(batcher, "_take", take_once_broken)
+    monkeypatch.setattr(queue, "take", take_once_broken)
     async with batcher:
         assert await one_batch(batcher, gate, [1, 2, 3]) == [2, 4, 6]
         await serves_on(batcher)
@@ -234,3 +226,96 @@ async def test_aclose_cancelling_a_running_batch_is_not_a_restart() -> None:
         gate.set()
     assert batcher.stats.loop_restarts == 0
     assert all(task.done() for task in batcher._tasks)
+
+
+# -- faults from the model ------------------------------------------------
+
+
+async def test_a_batch_function_raising_a_base_exception_does_not_stop_the_loop() -> None:
+    class Abort(BaseException):
+        pass
+
+    def double(items: list[int]) -> list[int]:
+        if 13 in items:
+            raise Abort("the model gave up")
+        return [2 * x for x in items]
+
+    async with Batcher([double], BatchPolicy(max_batch_size=4)) as batcher:
+        with pytest.raises(BatchFailed) as caught:
+            await answered(batcher.submit(13))
+        assert isinstance(caught.value.__cause__, Abort)
+        assert await answered(batcher.submit(1)) == 2
+    assert batcher.stats.failed_batches == 1
+    assert batcher.stats.loop_errors == 0
+    assert batcher.stats.loop_restarts == 1  # the watchdog's doing (the faults above)
+
+
+# -- instances and observers ------------------------------------------------
+
+
+async def test_batches_run_on_every_model_instance_at_once() -> None:
+    gate = threading.Event()
+    ran: list[tuple[str, str, list[int]]] = []
+
+    def instance(name: str) -> Callable[[list[int]], list[int]]:
+        def double(items: list[int]) -> list[int]:
+            ran.append((name, threading.current_thread().name, list(items)))
+            gate.wait()
+            return [2 * x for x in items]
+
+        return double
+
+    policy = BatchPolicy(max_batch_size=4, max_wait=0.001, max_queue=64)
+    async with Batcher([instance("a"), instance("b")], policy) as batcher:
+        try:
+            first = asyncio.create_task(batcher.submit(0))
+            await eventually(lambda: batcher.stats.in_flight == 1)
+            # One instance is held at the gate, so only the other can take this.
+            second = asyncio.create_task(batcher.submit(1))
+            await eventually(lambda: batcher.stats.in_flight == 2)
+            rest = [asyncio.create_task(batcher.submit(i)) for i in range(2, 20)]
+        finally:
+            gate.set()
+        results = await answered(asyncio.gather(first, second, *rest))
+    assert results == [2 * i for i in range(20)]
+    assert {name for name, _, _ in ran} == {"a", "b"}
+    assert len({thread for _, thread, _ in ran}) == 2
+    assert sorted(x for _, _, items in ran for x in items) == list(range(20))
+
+
+async def test_on_batch_hears_of_every_batch_with_its_size_seconds_and_new_waits() -> None:
+    gate = threading.Event()
+    heard: list[tuple[int, float, list[float], bool]] = []
+
+    def listener(size: int, seconds: float, waits: list[float]) -> None:
+        on_loop_thread = threading.current_thread() is threading.main_thread()
+        heard.append((size, seconds, waits, on_loop_thread))
+
+    def double(items: list[int]) -> list[int]:
+        gate.wait()
+        if 13 in items:
+            raise ValueError("unlucky")
+        return [2 * x for x in items]
+
+    policy = BatchPolicy(max_batch_size=3, max_wait=0.001)
+    async with Batcher([double], policy, on_batch=listener) as batcher:
+        try:
+            first = asyncio.create_task(batcher.submit(0))
+            await eventually(lambda: batcher.stats.in_flight == 1)
+            large = asyncio.create_task(batcher.submit_many([1, 2, 3, 4]))
+            small = [asyncio.create_task(batcher.submit(x)) for x in (5, 6)]
+            await eventually(lambda: batcher.stats.queued == 6)
+        finally:
+            gate.set()
+        await answered(asyncio.gather(first, large, *small))
+        with pytest.raises(BatchFailed):
+            await answered(batcher.submit(13))
+    # Batches: [0], [1 2 3] (the large request starts), [4 5 6] (5 and 6
+    # start; the large one continues), [13] (fails, and is still heard of).
+    assert [size for size, _, _, _ in heard] == [1, 3, 3, 1]
+    assert [len(waits) for _, _, waits, _ in heard] == [1, 1, 2, 1]
+    for _, seconds, waits, on_loop_thread in heard:
+        assert seconds >= 0
+        assert all(wait >= 0 for wait in waits)
+        assert on_loop_thread
+    assert all(wait > 0 for _, _, waits, _ in heard[1:3] for wait in waits)  # held back

@@ -20,7 +20,7 @@ accepted request is answered in time and nothing is queued or in flight.
 
 ``make test`` runs CARPOOL_STATEFUL_EXAMPLES examples (default 500, as R25 asks of CI) of 50
 steps each; R25's pass figure is 500 examples x 50 steps:
-``CARPOOL_STATEFUL_EXAMPLES=500 pytest tests/test_batcher_states.py``.
+``CARPOOL_STATEFUL_EXAMPLES=500 pytest tests/batching/test_states.py``.
 """
 
 from __future__ import annotations
@@ -371,8 +371,8 @@ class BatcherMachine(RuleBasedStateMachine):
                 self.batches_and_callers()
         finally:
             if self._batcher is not None:
-                for executor in self._batcher._executors:
-                    executor.shutdown(wait=True)
+                for instance in self._batcher._instances:
+                    instance.executor.shutdown(wait=True)
             for caller in self.callers:
                 if not caller.task.done():
                     caller.task.cancel()
