@@ -42,7 +42,7 @@ test: lint typecheck unit
 # the compose topology on loopback with Debian's nginx and prometheus.
 .PHONY: deploy-test
 deploy-test: install
-	$(BIN)/pytest tests/test_deploy_files.py tests/test_deploy_local.py tests/test_access.py
+	$(BIN)/pytest tests/deploy tests/server/test_access.py
 
 # Benchmarks, not part of `make test`: carpool against the offline limit and its
 # peers on this machine (see the Performance section of README.md).
@@ -70,7 +70,7 @@ bench-quick: $(BENCH_STAMP)
 .PHONY: fuzz
 fuzz: install
 	CARPOOL_FUZZ_EXAMPLES=20000 CARPOOL_FUZZ_CASES=5000 \
-		$(BIN)/pytest -o timeout=3600 tests/test_openapi.py tests/test_fuzz.py
+		$(BIN)/pytest -o timeout=3600 tests/server/test_openapi.py tests/scenarios/test_fuzz.py
 
 # Coverage-guided fuzzing at length, not part of `make test` (which gives each
 # target 100 s): atheris on the JSON body, binary tensor and WebSocket message

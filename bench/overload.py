@@ -2,7 +2,7 @@
 all along (RELIABILITY R3, R4, R5).
 
     python -m bench.overload                      # the full run (make overload, ~10 min)
-    python -m bench.overload --phase-seconds 4    # the shortened run (tests/test_overload_run.py)
+    python -m bench.overload --phase-seconds 4    # the shortened run (tests/scenarios/test_overload_run.py)
 
 One child ``carpool serve`` on 127.0.0.1, pinned to core 0 (``taskset``); the
 open-loop generator (bench/loadgen.py) runs here, on core 1. First it measures

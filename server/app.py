@@ -1,46 +1,59 @@
-"""The ASGI application: ``create_app(settings)``.
+"""The ASGI application: ``create_app(settings) -> Carpool``.
 
-Its lifespan loads, warms up and starts every model of the repository, and
-drains their batchers on shutdown.
+Everything is built here, once, and handed on explicitly: the models, the
+metrics, the infer transaction, the stream registry, the lifecycle that
+starts and drains them, the middleware (given to Starlette at construction)
+and the fast lane, which runs the hot route through the same middleware
+without Starlette's routing.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server import access, auth, limits, openapi, stream, v2
-from server.errors import ServerError, http_error
+from server import access, auth, limits, openapi, v2, websocket
+from server.errors import MethodNotAllowed, NotFound, ServerError, answer
+from server.infer import Infer
+from server.lifecycle import Lifecycle
 from server.metrics import CONTENT_TYPE, Metrics
 from server.models import ModelSet
 from server.settings import Settings
 
-logger = logging.getLogger("carpool.server")
 
+class Carpool:
+    """The server as one ASGI app, with its parts for whoever runs it.
 
-class Carpool(Starlette):
-    """Starlette, with a fast lane for the hot route.
-
-    ``POST /v2/models/{name}/infer`` goes straight to its raw ASGI endpoint
-    through the same user middleware (access log, limits, tokens), skipping
-    Starlette's error and exception layers and its regex routing: about a
-    quarter of the per-request cost here. Everything else, the versioned
-    infer route included, takes the ordinary way.
+    ``POST /v2/models/{name}/infer`` goes straight to its raw endpoint through
+    the same middleware (access log, limits, tokens), skipping Starlette's
+    error and exception layers and its regex routing: about a quarter of the
+    per-request cost. Everything else, the versioned infer route included,
+    takes Starlette's way.
     """
 
-    def __init__(self, *, infer: ASGIApp, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._infer = infer
-        self._lane: ASGIApp | None = None
+    def __init__(
+        self,
+        starlette: Starlette,
+        lane: ASGIApp,
+        models: ModelSet,
+        metrics: Metrics,
+        streams: websocket.StreamRegistry,
+        lifecycle: Lifecycle,
+    ) -> None:
+        self.starlette = starlette
+        self.models = models
+        self.metrics = metrics
+        self.streams = streams
+        self.lifecycle = lifecycle
+        self._lane = lane
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -48,84 +61,81 @@ class Carpool(Starlette):
             if path.startswith("/v2/models/") and path.endswith("/infer"):
                 name = path[11:-6]
                 if name and "/" not in name:
-                    if self._lane is None:
-                        self._lane = self._infer
-                        for middleware in reversed(self.user_middleware):
-                            self._lane = middleware.cls(
-                                self._lane, *middleware.args, **middleware.kwargs
-                            )
-                    scope["app"] = self
+                    scope["app"] = self.starlette
                     scope["path_params"] = {"name": name}
                     await self._lane(scope, receive, send)
                     return
-        await super().__call__(scope, receive, send)
+        await self.starlette(scope, receive, send)
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_app(settings: Settings | None = None) -> Carpool:
     settings = settings or Settings.from_env()
     models = ModelSet(settings.models_dir, settings.torch_threads)
     metrics = Metrics(models)
+    infer = Infer(models, settings)
+    streams = websocket.StreamRegistry()
+    lifecycle = Lifecycle(models, streams, metrics, settings.drain_delay, settings.drain_timeout)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await models.start(metrics.listener)
+        await lifecycle.start()
         try:
             yield
         finally:
-            await models.aclose(settings.drain_timeout)
+            await lifecycle.shutdown()
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    async def http_exception(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        message = {
-            404: f"no route {request.url.path}; see GET /v2",
-            405: f"{request.method} is not allowed here",
-        }
-        reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid")
-        return v2.JSONResponse(
-            {"error": message.get(exc.status_code, exc.detail), "reason": reason},
-            status_code=exc.status_code,
-        )
-
-    async def server_error(request: Request, exc: Exception) -> Response:
-        error = http_error(exc)
-        return Response(
-            error.body,
-            error.status,
-            dict((k.decode(), v.decode()) for k, v in error.headers),
-            media_type="application/json",
-        )
-
-    streams = stream.StreamRegistry()  # drained by server/lifecycle.py
     routes = [
-        *v2.routes(models, metrics, settings),
-        *stream.routes(models, metrics, streams, settings),
+        *v2.routes(infer, metrics, settings),
+        *websocket.routes(infer, metrics, streams, settings),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         openapi.route(models, settings),
     ]
-    app = Carpool(
-        infer=next(
-            r.endpoint
-            for r in routes
-            if isinstance(r, Route) and r.path == "/v2/models/{name}/infer"
-        ),
+    # the access log outermost, so it records refusals too; then the header
+    # limit, then tokens
+    middleware = [
+        *access.middleware(settings),  # [] unless CARPOOL_ACCESS_LOG
+        *limits.middleware(settings),
+        *auth.middleware(settings),  # [] without tokens
+    ]
+    starlette = Starlette(
         routes=routes,
         lifespan=lifespan,
-        middleware=access.middleware(settings),  # [] unless CARPOOL_ACCESS_LOG
+        middleware=middleware,
         # ServerError is answered by the exception middleware; only a bug of
         # ours reaches the catch-all, which answers 500 and logs it.
         exception_handlers={
-            HTTPException: http_exception,
-            ServerError: server_error,
-            Exception: server_error,
+            HTTPException: error_response,
+            ServerError: error_response,
+            Exception: error_response,
         },
     )
-    # header limit, then tokens: inside the access log, so it records refusals too
-    app.user_middleware += [*limits.middleware(settings), *auth.middleware(settings)]
-    app.state.models = models
-    app.state.metrics = metrics
-    app.state.settings = settings
-    app.state.streams = streams
+    infer_route = next(r for r in routes if isinstance(r, Route) and r.path == v2.INFER_PATH)
+    lane = wrap(infer_route.endpoint, middleware)
+    return Carpool(starlette, lane, models, metrics, streams, lifecycle)
+
+
+def wrap(app: ASGIApp, middleware: Sequence[Middleware]) -> ASGIApp:
+    """``app`` inside ``middleware`` (outermost first), as Starlette stacks it."""
+    for cls, args, kwargs in reversed(middleware):
+        app = cls(app, *args, **kwargs)
     return app
+
+
+async def error_response(request: Request, exc: Exception) -> Response:
+    """Starlette's way to the one error table: routing's own 404 and 405,
+    a ``ServerError`` a route raised, and our bugs (500)."""
+    error: BaseException = exc
+    if isinstance(exc, HTTPException):
+        if exc.status_code == 404:
+            error = NotFound(f"no route {request.url.path}; see GET /v2")
+        elif exc.status_code == 405:
+            error = MethodNotAllowed(f"{request.method} is not allowed here")
+        else:
+            error = ServerError(exc.detail)
+            error.status, error.reason = exc.status_code, "invalid"
+    told = answer(error)
+    headers = {k.decode(): v.decode() for k, v in told.headers}
+    return Response(told.body, told.status, headers, media_type="application/json")

@@ -2,7 +2,8 @@
 
 The infer route reads its body from ``receive()`` itself (so a declared
 Content-Length over the limit is refused before a byte of the body is read)
-and sends its answer with two ``send()`` calls.
+and sends its answer with two ``send()`` calls. ``refuse`` is the one writer
+of an error: an HTTP answer, or a refused WebSocket handshake.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from server.errors import BadRequest, PayloadTooLarge
+from server.errors import Answer, BadRequest, PayloadTooLarge, answer
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -85,6 +86,28 @@ async def respond(
     await send({"type": "http.response.body", "body": body})
 
 
+async def refuse(scope: Scope, send: Send, error: BaseException | Answer) -> Answer:
+    """Answer an HTTP request, or refuse a WebSocket handshake, with the JSON
+    error for ``error``; the answer it sent."""
+    told = error if isinstance(error, Answer) else answer(error)
+    body = told.body
+    headers = [
+        (b"content-type", JSON),
+        (b"content-length", b"%d" % len(body)),
+        *told.headers,
+    ]
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": told.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+    elif "websocket.http.response" in scope.get("extensions", {}):
+        start = {"type": "websocket.http.response.start", "status": told.status, "headers": headers}
+        await send(start)
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 1008})  # uvicorn answers 403
+    return told
+
+
 class DisconnectWatch:
     """Cancels the awaiting task if the client goes away before its answer.
 
@@ -93,6 +116,8 @@ class DisconnectWatch:
     of the queue before they are computed. Watching costs a task, so it
     starts only for a request still waiting after ``after`` seconds: most are
     answered sooner, and computing one whose client just left costs little.
+    The watch owns that task: ``close()`` cancels it, and the request's
+    handler calls ``close()`` on every path.
     """
 
     __slots__ = ("_receive", "_start", "_task", "_watch", "gone")

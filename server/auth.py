@@ -26,11 +26,11 @@ import ipaddress
 import logging
 from pathlib import Path
 
-import orjson
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.limits import refuse
+from server.asgi import refuse
+from server.errors import Forbidden, Unauthorized
 from server.settings import Settings
 
 logger = logging.getLogger("carpool.auth")
@@ -40,16 +40,7 @@ METRICS_PATH = "/metrics"
 
 _CHALLENGE = (b"www-authenticate", b'Bearer realm="carpool"')
 _INVALID = (b"www-authenticate", b'Bearer realm="carpool", error="invalid_token"')
-_MISSING = orjson.dumps(
-    {
-        "error": "this route needs an 'Authorization: Bearer <token>' header",
-        "reason": "unauthorized",
-    }
-)
-_INVALID_TOKEN = orjson.dumps({"error": "the bearer token is not valid", "reason": "unauthorized"})
-_WRONG_AREA = orjson.dumps(
-    {"error": "this token is not valid for this route", "reason": "forbidden"}
-)
+_MISSING = "this route needs an 'Authorization: Bearer <token>' header"
 
 
 class AuthConfigError(ValueError):
@@ -79,15 +70,15 @@ class BearerAuth:
             return
         token = _bearer(scope["headers"])
         if token is None:
-            await refuse(scope, send, 401, _MISSING, (_CHALLENGE,))
+            await refuse(scope, send, Unauthorized(_MISSING, [_CHALLENGE]))
             return
         digest = _digest_bytes(token)
         if _matches(digest, wanted):
             await self.app(scope, receive, send)
         elif _matches(digest, self._all):
-            await refuse(scope, send, 403, _WRONG_AREA)
+            await refuse(scope, send, Forbidden("this token is not valid for this route"))
         else:
-            await refuse(scope, send, 401, _INVALID_TOKEN, (_INVALID,))
+            await refuse(scope, send, Unauthorized("the bearer token is not valid", [_INVALID]))
 
 
 def _bearer(headers: list[tuple[bytes, bytes]]) -> bytes | None:
@@ -130,7 +121,7 @@ def load_tokens(settings: Settings) -> tuple[tuple[str, ...], tuple[str, ...]]:
         inference += [line.strip() for line in lines if not line.lstrip().startswith("#")]
     metrics = [settings.metrics_token.strip()]
     for token in [*inference, *metrics]:
-        # (no `in`/`==` on a token, even here: tests/test_auth.py lints for it)
+        # (no `in`/`==` on a token, even here: tests/server/test_auth.py lints for it)
         if token and (
             not token.isprintable() or not token.isascii() or any(map(str.isspace, token))
         ):

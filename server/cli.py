@@ -11,14 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from starlette.applications import Starlette
 
 from client import cli as client_cli
-from server.app import create_app
+from server.app import Carpool, create_app
 from server.auth import warn_if_exposed
-from server.lifecycle import Server
-from server.protocol import http_protocol
 from server.settings import Settings
+from server.uvicorn_internals import Server, http_protocol
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -55,7 +53,7 @@ def serve_forever(settings: Settings) -> None:
     config = uvicorn_config(app, settings)
     # the heap is frozen after start-up only here, where the process is ours
     # (a test server in a thread would freeze the test process's heap)
-    Server(config, app.state, settings.drain_delay, settings.drain_timeout, freeze_heap=True).run()
+    Server(config, app.lifecycle, freeze_heap=True).run()
 
 
 def raise_open_files_limit() -> int:
@@ -72,7 +70,7 @@ def raise_open_files_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def uvicorn_config(app: Starlette, settings: Settings, **overrides: Any) -> uvicorn.Config:
+def uvicorn_config(app: Carpool, settings: Settings, **overrides: Any) -> uvicorn.Config:
     """The one uvicorn configuration carpool runs under (the tests use it too).
 
     Everything the hardening depends on is pinned here rather than left to

@@ -10,19 +10,20 @@ The other limits live where their facts are known:
 - body size (413): ``server/asgi.py`` ``read_body``, from Content-Length
   before the body is read, and while it is read;
 - header and body deadlines (408), and a cap on an unfinished head:
-  ``server/protocol.py``, below the ASGI app, which never sees a request
+  ``server/uvicorn_internals.py``, below the ASGI app, which never sees a request
   whose headers have not arrived;
 - items per request (413) and text length (400): where the request is
-  decoded (``server/v2.py``, the ``text`` kind);
+  decoded (``server/infer.py``, the ``text`` kind);
 - JSON nesting depth: orjson refuses documents nested deeper than 1024 (400).
 """
 
 from __future__ import annotations
 
-import orjson
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from server.asgi import refuse
+from server.errors import HeadersTooLarge
 from server.settings import Settings
 
 
@@ -32,12 +33,6 @@ class HeaderLimit:
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self._body = orjson.dumps(
-            {
-                "error": f"the request headers are over {max_bytes} bytes; send fewer or shorter ones",
-                "reason": "too_large",
-            }
-        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" or scope["type"] == "websocket":
@@ -45,28 +40,16 @@ class HeaderLimit:
             for name, value in scope["headers"]:
                 size += len(name) + len(value)
             if size > self.max_bytes:
-                await refuse(scope, send, 431, self._body)
+                await refuse(
+                    scope,
+                    send,
+                    HeadersTooLarge(
+                        f"the request headers are over {self.max_bytes} bytes; "
+                        "send fewer or shorter ones"
+                    ),
+                )
                 return
         await self.app(scope, receive, send)
-
-
-async def refuse(
-    scope: Scope, send: Send, status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...] = ()
-) -> None:
-    """Answer an HTTP request, or refuse a WebSocket handshake, with a JSON error."""
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", b"%d" % len(body)),
-        *extra,
-    ]
-    if scope["type"] == "http":
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-    elif "websocket.http.response" in scope.get("extensions", {}):
-        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
-        await send({"type": "websocket.http.response.body", "body": body})
-    else:
-        await send({"type": "websocket.close", "code": 1008})  # uvicorn answers 403
 
 
 def middleware(settings: Settings) -> list[Middleware]:

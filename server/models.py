@@ -3,7 +3,8 @@
 ``ModelSet.start()`` reads the repository, loads every instance of every
 model in a worker thread (the event loop stays free), warms each instance up
 with one forward pass, and only then starts its batcher: a model is ready
-when it can answer at full speed. ``aclose()`` drains every batcher.
+when it can answer at full speed. ``drain()`` finishes and stops every
+batcher; ``server/lifecycle.py`` decides when.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 
 import torch
 
-from batching import Batcher, BatchListener, BatchPolicy
+from batching import Batcher, BatchListener
+from server.errors import NotFound
 from server.kinds import BatchFn, ModelKind, Result, make_kind, resolve_device
 from server.repository import ModelConfig, load_repository
 
@@ -54,6 +56,15 @@ class ModelSet:
     def get(self, name: str) -> ServedModel | None:
         return self._models.get(name)
 
+    def resolve(self, name: str, version: str | None = None) -> ServedModel:
+        """The model ``name`` (at ``version``, when given), or ``NotFound``."""
+        model = self._models.get(name)
+        if model is not None and (version is None or version == model.config.version):
+            return model
+        if model is not None:
+            raise NotFound(f"model {name!r} has no version {version!r}")
+        raise NotFound(f"unknown model {name!r}; this server serves {sorted(self._models)}")
+
     @property
     def ready(self) -> bool:
         return self.loaded and not self.draining and all(model.ready for model in self)
@@ -68,17 +79,9 @@ class ModelSet:
             device = resolve_device(config.device)
             fns = await asyncio.to_thread(_load_instances, kind, device)
             listener: BatchListener | None = listener_for(config.name) if listener_for else None
-            policy = BatchPolicy(
-                max_batch_size=config.max_batch_size,
-                max_wait=config.max_wait_ms / 1000,
-                max_queue=config.max_queue,
-                eager=config.eager,
-                isolate_errors=config.isolate_errors,
-                hang_seconds=config.hang_timeout_ms / 1000 if config.hang_timeout_ms else None,
-            )
             batcher: Batcher[Any, Result] = Batcher(
                 fns,
-                policy,
+                config.policy,
                 name=config.name,
                 on_batch=listener,
                 is_resource_error=kind.out_of_resources,
@@ -99,15 +102,16 @@ class ModelSet:
         """Fail readiness from now on; requests are still accepted."""
         self.draining = True
 
-    async def drain(self, timeout: float) -> None:
-        """Refuse new requests (503), finish every accepted one within
-        ``timeout`` seconds, then stop the batchers."""
+    def stop_accepting(self) -> None:
+        """Refuse new requests (503) from now on; queued ones still run."""
         self.draining = True
         for model in self:
             model.batcher.stop_accepting()
-        await self.aclose(timeout)
 
-    async def aclose(self, timeout: float) -> None:
+    async def drain(self, timeout: float) -> None:
+        """Finish every accepted request within ``timeout`` seconds, fail the
+        rest, and release the worker threads (``Batcher.aclose``)."""
+        self.stop_accepting()
         await asyncio.gather(*(model.batcher.aclose(timeout) for model in self))
 
 

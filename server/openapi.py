@@ -2,15 +2,16 @@
 
 Built from the models it serves, once they are loaded: every model gets its
 own metadata, ready and infer paths (versioned too), and its infer request
-schema names that model's inputs, datatypes and shapes. Every response is
-described, errors included: they are all ``{"error": "<what to do>"}``.
-WebSocket routes cannot be OpenAPI operations; the description lists them.
+schema names that model's inputs, datatypes and shapes. This module is the
+document, its paths and operations; the bodies' schemas are
+``server.schemas``. Every response is described, errors included: they are
+all ``{"error": "<what to do>"}``. WebSocket routes cannot be OpenAPI
+operations; the description lists them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import orjson
 from starlette.requests import Request
@@ -18,13 +19,11 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
 import server
+from server import schemas
 from server.auth import load_tokens
 from server.models import ModelSet, ServedModel
-from server.repository import TensorSpec
+from server.schemas import JSON, Schema
 from server.settings import Settings
-
-JSON = "application/json"
-Schema = dict[str, Any]
 
 _ERRORS = {
     400: "Malformed JSON, an unknown or missing input, a wrong datatype or shape, "
@@ -49,17 +48,6 @@ _GUARDED = (401, 403)
 _MODEL_ROUTE = (404,)
 _INFER = (400, 404, 413, 422, 503, 504, 507)
 
-_DATA_ITEMS: dict[str, Schema] = {
-    "BOOL": {"type": "boolean"},
-    "BYTES": {"type": "string"},
-}
-# v2 parameters: an object of booleans, numbers and strings
-_PARAMETERS: Schema = {
-    "type": "object",
-    "additionalProperties": {"type": ["boolean", "number", "string"]},
-}
-_INTEGERS = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
-
 
 def route(models: ModelSet, settings: Settings) -> Route:
     """The ``GET /openapi.json`` route (the spec is built once, after startup)."""
@@ -83,7 +71,7 @@ def spec(models: ModelSet, settings: Settings, streams: Sequence[str] = ()) -> S
     guarded = bool(inference_tokens)
     metrics_guarded = bool(inference_tokens or metrics_tokens)
     paths: dict[str, Schema] = {
-        "/v2": {"get": _operation("Server metadata", _ok(_ref("ServerMetadata")), guarded)},
+        "/v2": {"get": _operation("Server metadata", _ok(schemas.ref("ServerMetadata")), guarded)},
         "/v2/health/live": {
             "get": _operation("Liveness: 200 while the process serves", _live(), None)
         },
@@ -116,39 +104,7 @@ def spec(models: ModelSet, settings: Settings, streams: Sequence[str] = ()) -> S
         },
         "paths": paths,
         "components": {
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {"type": "string", "description": "what went wrong, what to do"},
-                        "reason": {"type": "string", "description": "a label, as in /metrics"},
-                        "error_id": {
-                            "type": "string",
-                            "description": "for failures (model errors, 507, internal): "
-                            "the id of the server log line with the details",
-                        },
-                    },
-                },
-                "ServerMetadata": {
-                    "type": "object",
-                    "required": ["name", "version", "extensions"],
-                    "properties": {
-                        "name": {"type": "string"},
-                        "version": {"type": "string"},
-                        "extensions": {"type": "array", "items": {"type": "string"}},
-                    },
-                },
-                "TensorMetadata": {
-                    "type": "object",
-                    "required": ["name", "datatype", "shape"],
-                    "properties": {
-                        "name": {"type": "string"},
-                        "datatype": {"type": "string"},
-                        "shape": {"type": "array", "items": {"type": "integer"}},
-                    },
-                },
-            },
+            "schemas": schemas.components(),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
@@ -164,22 +120,11 @@ def _model_paths(
     model: ServedModel, prefix: str, guarded: bool, max_items: int
 ) -> dict[str, Schema]:
     config = model.config
-    metadata = {
-        "type": "object",
-        "required": ["name", "versions", "platform", "inputs", "outputs"],
-        "properties": {
-            "name": {"const": config.name},
-            "versions": {"type": "array", "items": {"type": "string"}},
-            "platform": {"type": "string"},
-            "inputs": {"type": "array", "items": _ref("TensorMetadata")},
-            "outputs": {"type": "array", "items": _ref("TensorMetadata")},
-        },
-    }
     infer = _operation(
         f"Infer with {config.name}: an input of shape [n, ...] is n items, batched with "
         "other callers' items. The binary tensor extension (Inference-Header-Content-Length) "
         "is accepted too.",
-        _infer_responses(config.name, config.outputs),
+        schemas.infer_responses(config.name, config.outputs),
         guarded,
         _MODEL_ROUTE + _INFER,
     )
@@ -196,14 +141,21 @@ def _model_paths(
         "required": True,
         "content": {
             JSON: {
-                "schema": _infer_request(config.name, config.inputs, config.outputs, max_items),
-                "example": _example(config.inputs),
+                "schema": schemas.infer_request(
+                    config.name, config.inputs, config.outputs, max_items
+                ),
+                "example": schemas.example(config.inputs),
             }
         },
     }
     return {
         prefix: {
-            "get": _operation(f"Metadata of {config.name}", _ok(metadata), guarded, _MODEL_ROUTE)
+            "get": _operation(
+                f"Metadata of {config.name}",
+                _ok(schemas.model_metadata(config.name)),
+                guarded,
+                _MODEL_ROUTE,
+            )
         },
         prefix + "/ready": {
             "get": _operation(
@@ -215,139 +167,6 @@ def _model_paths(
         },
         prefix + "/infer": {"post": infer},
     }
-
-
-def _infer_request(
-    name: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], max_items: int
-) -> Schema:
-    tensors = [
-        {
-            "type": "object",
-            "required": ["name", "datatype", "shape", "data"],
-            "properties": {
-                "name": {"type": "string", "enum": [spec.name]},
-                "datatype": {"const": spec.datatype},
-                "shape": _shape(spec, max_items),
-                "data": {
-                    "type": "array",
-                    "description": "flat (row-major) or nested as the shape",
-                    "items": _nested(spec.datatype, len(spec.shape) - 1),
-                },
-                "parameters": _PARAMETERS,
-            },
-        }
-        for spec in inputs
-    ]
-    return {
-        "type": "object",
-        "required": ["inputs"],
-        "additionalProperties": False,
-        "properties": {
-            "id": {"type": "string"},
-            "parameters": _PARAMETERS,
-            "inputs": {"type": "array", "minItems": 1, "items": {"anyOf": tensors}},
-            "outputs": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["name"],
-                    "properties": {
-                        "name": {"type": "string", "enum": [spec.name for spec in outputs]},
-                        "parameters": _PARAMETERS,
-                    },
-                },
-            },
-        },
-        "description": f"A v2 infer request for {name}",
-    }
-
-
-def _infer_responses(name: str, outputs: tuple[TensorSpec, ...]) -> dict[str, Schema]:
-    tensors = [
-        {
-            "type": "object",
-            "required": ["name", "datatype", "shape"],
-            "properties": {
-                "name": {"const": spec.name},
-                "datatype": {"const": spec.datatype},
-                "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                "data": {"type": "array", "items": _item(spec.datatype, output=True)},
-                "parameters": {"type": "object"},
-            },
-        }
-        for spec in outputs
-    ]
-    body = {
-        "type": "object",
-        "required": ["model_name", "model_version", "outputs"],
-        "properties": {
-            "model_name": {"const": name},
-            "model_version": {"type": "string"},
-            "id": {"type": "string"},
-            "outputs": {"type": "array", "items": {"anyOf": tensors}},
-        },
-    }
-    timing = {
-        header: {"schema": {"type": "string"}, "description": description}
-        for header, description in [
-            ("x-carpool-queue-ms", "how long the request waited for its batch"),
-            ("x-carpool-compute-ms", "how long its batch's forward pass took"),
-            ("x-carpool-batch-size", "how many items rode in its batch"),
-        ]
-    }
-    return {
-        "200": {
-            "description": "The outputs. NaN and infinities are sent as null (strict JSON). "
-            "With binary outputs asked for, the body is the JSON header followed by the raw "
-            "tensors, and Inference-Header-Content-Length gives the header's length.",
-            "headers": timing,
-            "content": {
-                JSON: {"schema": body},
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            },
-        }
-    }
-
-
-def _shape(spec: TensorSpec, max_items: int) -> Schema:
-    """The first axis counts the items; the others are fixed, or any size where -1."""
-    dims: list[Schema] = [{"type": "integer", "minimum": 1, "maximum": max_items}]
-    for dim in spec.item_shape:
-        dims.append({"type": "integer", "minimum": 0} if dim == -1 else {"const": dim})
-    return {"type": "array", "prefixItems": dims, "minItems": len(dims), "maxItems": len(dims)}
-
-
-def _example(inputs: tuple[TensorSpec, ...]) -> Schema:
-    """One item of zeros (or empty texts, or false)."""
-    zero = {"BOOL": False, "BYTES": ""}
-    tensors = []
-    for spec in inputs:
-        shape = [1, *(1 if dim == -1 else dim for dim in spec.item_shape)]
-        size = 1
-        for dim in shape:
-            size *= dim
-        value = zero.get(spec.datatype, 0)
-        tensors.append(
-            {"name": spec.name, "datatype": spec.datatype, "shape": shape, "data": [value] * size}
-        )
-    return {"inputs": tensors}
-
-
-def _nested(datatype: str, depth: int) -> Schema:
-    """An element of ``data``: a value, or (nested as the shape) a list of them."""
-    item = _item(datatype)
-    for _ in range(depth):
-        item = {"anyOf": [_item(datatype), {"type": "array", "items": item}]}
-    return item
-
-
-def _item(datatype: str, output: bool = False) -> Schema:
-    if datatype in _DATA_ITEMS:
-        return _DATA_ITEMS[datatype]
-    if datatype in _INTEGERS:
-        return {"type": "integer"}
-    # floats: a model's NaN or infinity is encoded as null
-    return {"type": ["number", "null"]} if output else {"type": "number"}
 
 
 def _operation(
@@ -369,7 +188,7 @@ def _operation(
 def _error(code: int) -> Schema:
     response: Schema = {
         "description": _ERRORS[code],
-        "content": {JSON: {"schema": _ref("Error")}},
+        "content": {JSON: {"schema": schemas.ref("Error")}},
     }
     if code == 503:
         response["headers"] = {
@@ -396,10 +215,6 @@ def _ready(properties: Schema) -> dict[str, Schema]:
         "200": {"description": "Ready", "content": {JSON: {"schema": body}}},
         "503": {"description": "Not ready (yet, or any more)", "content": {JSON: {"schema": body}}},
     }
-
-
-def _ref(name: str) -> Schema:
-    return {"$ref": f"#/components/schemas/{name}"}
 
 
 def _description(streams: Sequence[str]) -> str:

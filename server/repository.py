@@ -31,23 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DATATYPES = frozenset(
-    {
-        "BOOL",
-        "UINT8",
-        "UINT16",
-        "UINT32",
-        "UINT64",
-        "INT8",
-        "INT16",
-        "INT32",
-        "INT64",
-        "FP16",
-        "FP32",
-        "FP64",
-        "BYTES",
-    }
-)
+from batching import BatchPolicy
+from server.datatypes import DATATYPES
 
 
 class ConfigError(Exception):
@@ -72,27 +57,31 @@ class TensorSpec:
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """One model's settings, as written in its model.toml."""
+    """One model's settings, as read from its model.toml (``policy`` in seconds)."""
 
     name: str
     kind: str
     folder: Path
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    max_batch_size: int = 32
-    max_wait_ms: float = 2.0
-    max_queue: int = 256
-    eager: bool = True
-    isolate_errors: bool = True
+    # how its batcher groups items: a knob that model.toml leaves out keeps
+    # BatchPolicy's own default, the one place the defaults are written
+    policy: BatchPolicy = field(default_factory=BatchPolicy)
     queue_timeout_ms: float = 5000.0
-    # a forward pass running longer is given up on: 504 model_hung, the
-    # instance restarts on a fresh thread, not ready until it returns (0: never)
-    hang_timeout_ms: float = 30_000.0
     device: str = "auto"
     instances: int = 1
     version: str = "1"
     options: dict[str, Any] = field(default_factory=dict)
     sha256: dict[str, str] = field(default_factory=dict)  # file -> pinned hex digest
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.policy.max_batch_size
+
+    @property
+    def max_queue(self) -> int:
+        """The most items waiting: a request of more can never be queued (413)."""
+        return self.policy.max_queue
 
     def input(self, name: str) -> TensorSpec | None:
         for spec in self.inputs:
@@ -136,18 +125,32 @@ def load_config(toml: Path) -> ModelConfig:
         raise ConfigError(f"{toml}: {exc}") from exc
 
 
+# model.toml's batching keys, each with the BatchPolicy field it sets
+_POLICY_KEYS = {
+    "max_batch_size": "max_batch_size",
+    "max_wait_ms": "max_wait",
+    "max_queue": "max_queue",
+    "eager": "eager",
+    "isolate_errors": "isolate_errors",
+    "shrink_ms": "shrink_seconds",
+    "hang_timeout_ms": "hang_seconds",
+}
+_NUMBER = (int, float)
 _SCALARS: dict[str, type | tuple[type, ...]] = {
     "max_batch_size": int,
-    "max_wait_ms": (int, float),
+    "max_wait_ms": _NUMBER,
     "max_queue": int,
     "eager": bool,
     "isolate_errors": bool,
-    "queue_timeout_ms": (int, float),
-    "hang_timeout_ms": (int, float),
+    "shrink_ms": _NUMBER,
+    "hang_timeout_ms": _NUMBER,
+    "queue_timeout_ms": _NUMBER,
     "device": str,
     "instances": int,
     "version": str,
 }
+_AT_LEAST_ONE = frozenset({"max_batch_size", "max_queue", "instances"})
+_NOT_NEGATIVE = frozenset({"max_wait_ms", "shrink_ms", "hang_timeout_ms"})
 
 
 def _config(raw: dict[str, Any], folder: Path) -> ModelConfig:
@@ -155,30 +158,20 @@ def _config(raw: dict[str, Any], folder: Path) -> ModelConfig:
     unknown = set(raw) - known
     if unknown:
         raise ValueError(f"unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
-    scalars: dict[str, Any] = {}
-    for key, kind in _SCALARS.items():
-        if key in raw:
-            if not isinstance(raw[key], kind) or isinstance(raw[key], bool) != (kind is bool):
-                raise TypeError(f"{key} = {raw[key]!r} has the wrong type")
-            scalars[key] = raw[key]
+    scalars = _scalars(raw)
     config = ModelConfig(
         name=_name(raw["name"]),
         kind=str(raw["kind"]),
         folder=folder,
         inputs=tuple(_spec(entry) for entry in raw["inputs"]),
         outputs=tuple(_spec(entry) for entry in raw["outputs"]),
+        policy=_policy(scalars),
         options=dict(raw.get("options", {})),
         sha256=_pins(raw.get("sha256", {})),
-        **scalars,
+        **{key: value for key, value in scalars.items() if key not in _POLICY_KEYS},
     )
     if config.device not in {"auto", "cpu", "cuda"} and not config.device.startswith("cuda:"):
         raise ValueError(f"device = {config.device!r}; expected auto, cpu, cuda or cuda:N")
-    if min(config.max_batch_size, config.max_queue, config.instances) < 1:
-        raise ValueError("max_batch_size, max_queue and instances must be at least 1")
-    if config.max_wait_ms < 0 or config.queue_timeout_ms <= 0 or config.hang_timeout_ms < 0:
-        raise ValueError(
-            "max_wait_ms and hang_timeout_ms must not be negative, queue_timeout_ms must be positive"
-        )
     if not config.inputs or not config.outputs:
         raise ValueError("a model needs at least one input and one output")
     for specs in (config.inputs, config.outputs):
@@ -186,6 +179,40 @@ def _config(raw: dict[str, Any], folder: Path) -> ModelConfig:
         if len(set(names)) != len(names):
             raise ValueError(f"tensor names must be unique: {names}")
     return config
+
+
+def _scalars(raw: dict[str, Any]) -> dict[str, Any]:
+    """The scalar keys that ``raw`` sets, each checked for its type and range."""
+    scalars: dict[str, Any] = {}
+    for key, kind in _SCALARS.items():
+        if key not in raw:
+            continue
+        value = raw[key]
+        # isinstance(True, int) holds: only a boolean key may take a boolean
+        if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+            raise TypeError(f"{key} = {value!r} has the wrong type")
+        scalars[key] = value
+    for key, value in scalars.items():
+        if key in _AT_LEAST_ONE and value < 1:
+            raise ValueError(f"{key} = {value!r} must be at least 1")
+        if key in _NOT_NEGATIVE and value < 0:
+            raise ValueError(f"{key} = {value!r} must not be negative")
+        if key == "queue_timeout_ms" and value <= 0:
+            raise ValueError(f"{key} = {value!r} must be positive")
+    return scalars
+
+
+def _policy(scalars: dict[str, Any]) -> BatchPolicy:
+    """The batching keys as a BatchPolicy. model.toml's milliseconds (the keys
+    named ``*_ms``) become the policy's seconds here and nowhere else."""
+    fields = {
+        _POLICY_KEYS[key]: value / 1000 if key.endswith("_ms") else value
+        for key, value in scalars.items()
+        if key in _POLICY_KEYS
+    }
+    if fields.get("hang_seconds") == 0:
+        fields["hang_seconds"] = None  # hang_timeout_ms = 0: never give up on a forward
+    return BatchPolicy(**fields)
 
 
 def _name(value: object) -> str:

@@ -40,7 +40,7 @@ class Settings:
     drain_delay: float = 0.0  # seconds of "not ready, still serving" before the drain
     log_level: str = "info"
     access_log: bool = False  # one JSON line per request on stdout (server/access.py)
-    # hardening (server/limits.py, server/protocol.py, server/auth.py)
+    # hardening (server/limits.py, server/uvicorn_internals.py, server/auth.py)
     max_header_bytes: int = 16 * 1024  # names + values of all request headers; over: 431
     header_timeout: float = 10.0  # seconds from a request's first byte to its last header
     body_timeout: float = 10.0  # seconds from the last header to the body's last byte

@@ -1,15 +1,14 @@
 """Open Inference Protocol v2 routes: health, metadata and infer.
 
-``POST /v2/models/{name}/infer`` is a raw ASGI endpoint: parse and validate
-(400 before anything is queued), split into items, submit them to the
-model's batcher, and answer with the joined results plus timing headers that
-show the batch each request rode in.
+``POST /v2/models/{name}/infer`` is a raw ASGI endpoint: it reads the body,
+runs the infer transaction (``server/infer.py``: 4xx before anything is
+queued) and answers with the joined results plus timing headers that show
+the batch each request rode in.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import orjson
@@ -29,13 +28,14 @@ from server.asgi import (
     read_body,
     respond,
 )
-from server.codec import decode_request, encode_response, queue_timeout
-from server.errors import NotFound, PayloadTooLarge, http_error
+from server.errors import answer
+from server.infer import Infer
 from server.metrics import Metrics
-from server.models import ModelSet, ServedModel
+from server.models import ServedModel
 from server.settings import Settings
 
 EXTENSIONS = ["binary_tensor_data"]
+INFER_PATH = "/v2/models/{name}/infer"  # the route the fast lane takes (server/app.py)
 
 
 class JSONResponse(Response):
@@ -45,13 +45,12 @@ class JSONResponse(Response):
         return orjson.dumps(content)
 
 
-def routes(models: ModelSet, metrics: Metrics, settings: Settings) -> list[BaseRoute]:
+def routes(infer: Infer, metrics: Metrics, settings: Settings) -> list[BaseRoute]:
+    models = infer.models
+
     def model_for(request: Request) -> ServedModel:
-        model = models.get(request.path_params["name"])
-        version = request.path_params.get("version")
-        if model is None or (version is not None and version != model.config.version):
-            raise NotFound(unknown_model(models, request.path_params["name"], version))
-        return model
+        params = request.path_params
+        return models.resolve(params["name"], params.get("version"))
 
     async def server_metadata(request: Request) -> Response:
         return JSONResponse(
@@ -84,7 +83,7 @@ def routes(models: ModelSet, metrics: Metrics, settings: Settings) -> list[BaseR
             status_code=200 if is_ready else 503,
         )
 
-    infer = InferEndpoint(models, metrics, settings)
+    endpoint = InferEndpoint(infer, metrics, settings)
     versioned = "/v2/models/{name}/versions/{version}"
     return [
         Route("/v2", server_metadata, methods=["GET"]),
@@ -94,69 +93,42 @@ def routes(models: ModelSet, metrics: Metrics, settings: Settings) -> list[BaseR
         Route(versioned, model_metadata, methods=["GET"]),
         Route("/v2/models/{name}/ready", model_ready, methods=["GET"]),
         Route(versioned + "/ready", model_ready, methods=["GET"]),
-        Route("/v2/models/{name}/infer", infer, methods=["POST"]),
-        Route(versioned + "/infer", infer, methods=["POST"]),
+        Route(INFER_PATH, endpoint, methods=["POST"]),
+        Route(versioned + "/infer", endpoint, methods=["POST"]),
     ]
 
 
-def check_items(count: int, max_items: int, model: ServedModel) -> None:
-    """413 for a request with more items than the server takes in one request,
-    or than the model's whole queue holds: a 503 would invite a retry that can
-    never fit."""
-    if count > max_items:
-        raise PayloadTooLarge(
-            f"the request has {count} items; this server takes at most "
-            f"{max_items} per request (CARPOOL_MAX_ITEMS_PER_REQUEST)"
-        )
-    if count > model.config.max_queue:
-        raise PayloadTooLarge(
-            f"the request has {count} items; model {model.config.name!r} queues at most "
-            f"{model.config.max_queue} (max_queue in its model.toml): split the request"
-        )
-
-
-def unknown_model(models: ModelSet, name: str, version: str | None) -> str:
-    served = sorted(model.config.name for model in models)
-    if version is not None and models.get(name) is not None:
-        return f"model {name!r} has no version {version!r}"
-    return f"unknown model {name!r}; this server serves {served}"
-
-
 class InferEndpoint:
-    """``POST /v2/models/{name}[/versions/{v}]/infer``, as raw ASGI."""
+    """``POST /v2/models/{name}[/versions/{v}]/infer``, as raw ASGI: the
+    HTTP frame around the infer transaction."""
 
-    def __init__(self, models: ModelSet, metrics: Metrics, settings: Settings) -> None:
-        self.models = models
+    def __init__(self, infer: Infer, metrics: Metrics, settings: Settings) -> None:
+        self.infer = infer
         self.metrics = metrics
         self.max_body_bytes = settings.max_body_bytes
-        self.max_items = settings.max_items_per_request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        infer = self.infer
         params = scope["path_params"]
         name: str = params["name"]
-        model = self.models.get(name)
+        model: ServedModel | None = None
         watch: DisconnectWatch | None = None
         body_read = False
         try:
-            if model is None or params.get("version", model.config.version) != model.config.version:
-                raise NotFound(unknown_model(self.models, name, params.get("version")))
+            model = infer.resolve(name, params.get("version"))
             # Full or draining: refuse before reading the body into memory.
             model.batcher.admit(1)
             body = await read_body(scope, receive, self.max_body_bytes)
             body_read = True
-            request = decode_request(
-                body, model.config, int_header(scope, b"inference-header-content-length")
+            request = infer.decode(
+                model, body, int_header(scope, b"inference-header-content-length")
             )
-            check_items(request.count, self.max_items, model)
-            items = model.kind.split(request)
-            timeout = queue_timeout(
-                model.config, request.parameters, int_header(scope, b"x-carpool-timeout-ms")
-            )
+            job = infer.prepare(model, request, int_header(scope, b"x-carpool-timeout-ms"))
             watch = DisconnectWatch(receive)
-            completion = await model.batcher.submit_many(items, time.monotonic() + timeout)
+            completion = await infer.submit(job)
             watch.close()
             watch = None
-            payload, header_length = encode_response(model.config, request, completion.results)
+            payload, header_length = infer.encode(job, completion)
             headers = [
                 (b"x-carpool-queue-ms", b"%.3f" % (completion.queue_seconds * 1000)),
                 (b"x-carpool-compute-ms", b"%.3f" % (completion.compute_seconds * 1000)),
@@ -176,13 +148,13 @@ class InferEndpoint:
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             self.metrics.count(name, "cancelled")
         except Exception as exc:
-            error = http_error(exc)
-            if model is not None:
-                self.metrics.count(name, error.reason)
-            headers = error.headers
+            told = answer(exc)
+            if model is not None or infer.models.get(name) is not None:
+                self.metrics.count(name, told.reason)  # counted under models that exist
+            headers = told.headers
             if not body_read:  # the unread body must not be taken for the next request
                 headers = [*headers, (b"connection", b"close")]
-            await respond(send, error.status, error.body, headers)
+            await respond(send, told.status, told.body, headers)
         finally:
             if watch is not None:
                 watch.close()

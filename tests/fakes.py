@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 
-from server.codec import InferRequest
 from server.kinds import BatchFn, ModelKind, Result
+from server.request import InferRequest
 
 
 @dataclass

@@ -22,21 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
-from starlette.applications import Starlette
 
-from server.app import create_app
+from server.app import Carpool, create_app
 from server.cli import uvicorn_config
-from server.lifecycle import Server
 from server.settings import Settings
+from server.uvicorn_internals import Server
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_SECONDS = 120
 
 
 class _Server(Server):
-    def __init__(self, config: uvicorn.Config, settings: Settings) -> None:
-        assert isinstance(config.app, Starlette)
-        super().__init__(config, config.app.state, settings.drain_delay, settings.drain_timeout)
+    def __init__(self, config: uvicorn.Config, app: Carpool) -> None:
+        super().__init__(config, app.lifecycle)
         self.up = threading.Event()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -48,7 +46,7 @@ class _Server(Server):
 class Running:
     url: str
     port: int
-    app: Starlette
+    app: Carpool
     server: uvicorn.Server
 
 
@@ -65,7 +63,7 @@ def in_thread(settings: Settings, **uvicorn_options: object) -> Iterator[Running
         timeout_graceful_shutdown=int(settings.drain_timeout),
         **uvicorn_options,
     )
-    server = _Server(config, settings)
+    server = _Server(config, app)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     try:

@@ -19,8 +19,8 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from server.codec import InferRequest
 from server.repository import ConfigError, ModelConfig
+from server.request import InferRequest
 
 Item = TypeVar("Item")
 Result = dict[str, Any]

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from server.codec import InferRequest
 from server.errors import BadRequest
 from server.kinds.base import BatchFn, ModelKind, Result, option, to_device
 from server.repository import ConfigError, ModelConfig
+from server.request import InferRequest
 
 # A sub-batch ends where the next sentence is longer than this many times the
 # sub-batch's shortest one (plus a little slack for very short sentences).

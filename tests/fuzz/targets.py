@@ -1,6 +1,6 @@
 """Atheris fuzz targets (RELIABILITY R19): the three parsers of untrusted bytes.
 
-- ``json``: an HTTP infer body (``server/codec.py: decode_request``);
+- ``json``: an HTTP infer body (``server/request.py: decode_request``);
 - ``binary``: the binary tensor extension (a JSON header, then raw tensors,
   split at ``Inference-Header-Content-Length``);
 - ``stream``: one WebSocket message, text or binary, as ``server/stream.py``
@@ -43,12 +43,13 @@ import torch
 
 from batching import Completion
 from server.asgi import Message
-from server.codec import InferRequest, decode_request, queue_timeout
 from server.errors import BadRequest
+from server.infer import Infer
 from server.kinds.tensor import TensorKind
 from server.metrics import Metrics
-from server.models import ServedModel
+from server.models import ModelSet, ServedModel
 from server.repository import ModelConfig, TensorSpec
+from server.request import InferRequest, decode_request, queue_timeout
 from server.settings import Settings
 from server.stream import Stream
 
@@ -154,6 +155,7 @@ class _Metrics:
 
 
 _SETTINGS = Settings(ws_max_message_bytes=8192, max_items_per_request=64, ws_max_in_flight=4)
+_INFER = Infer(ModelSet(Path(".")), _SETTINGS)  # the stream is handed its model directly
 _LOOP = asyncio.new_event_loop()
 
 
@@ -169,7 +171,9 @@ async def _take(message: Message, config: ModelConfig) -> Stream:
     model = ServedModel(
         config, TensorKind(config), cast(Any, _Batcher(config)), torch.device("cpu")
     )
-    stream = Stream(config.name, model, "", cast(Metrics, _Metrics()), _never, _discard, _SETTINGS)
+    stream = Stream(
+        config.name, model, "", _INFER, cast(Metrics, _Metrics()), _never, _discard, _SETTINGS
+    )
     if not stream._take(message):
         stream.closed.set()
     pending = list(stream._tasks.values())

@@ -38,7 +38,7 @@ import orjson
 import pytest
 
 from batching import BatchFailed, InternalError, OutOfResources
-from server.errors import http_error
+from server.errors import answer
 from server.models import ServedModel
 from server.settings import Settings
 from tests.fakes import infer_body, model_dir, recorder, wait_until
@@ -88,7 +88,7 @@ def serve(tmp_path: Path) -> Any:
 
 
 def served(running: Running) -> ServedModel:
-    model: ServedModel | None = running.app.state.models.get(NAME)
+    model: ServedModel | None = running.app.models.get(NAME)
     assert model is not None
     return model
 
@@ -203,14 +203,14 @@ async def test_a_base_exception_from_the_model_restarts_the_loop_and_later_reque
 def test_every_failure_answer_carries_an_error_id_and_our_own_bugs_nothing_more(
     error: Exception, status: int, reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    answer = http_error(error)
-    body = orjson.loads(answer.body)
-    assert (answer.status, answer.reason, body["reason"]) == (status, reason, reason)
+    told = answer(error)
+    body = orjson.loads(told.body)
+    assert (told.status, told.reason, body["reason"]) == (status, reason, reason)
     assert ERROR_ID.fullmatch(body["error_id"])
-    assert answer.error_id == body["error_id"]
+    assert told.error_id == body["error_id"]
     assert body["error_id"] in caplog.text
     if reason == "internal":
         assert body["error"] == (
             f"internal server error {body['error_id']}; the server log has the details"
         )
-    assert http_error(error).error_id != answer.error_id  # one id per failure
+    assert answer(error).error_id != told.error_id  # one id per failure

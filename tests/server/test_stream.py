@@ -23,7 +23,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from server.models import ServedModel
 from server.settings import Settings
-from server.stream import Stream, StreamRegistry
+from server.stream import Stream
+from server.websocket import StreamRegistry
 from tests.fakes import infer_body, model_dir, recorder
 from tests.servers import Running, in_thread, scrape
 
@@ -107,7 +108,7 @@ async def entered_forward(name: str = "echo") -> None:
 
 
 def registry(running: Running) -> StreamRegistry:
-    streams: StreamRegistry = running.app.state.streams
+    streams: StreamRegistry = running.app.streams
     return streams
 
 
@@ -117,7 +118,7 @@ def only_stream(running: Running) -> Stream:
 
 
 def served(running: Running, name: str = "echo") -> ServedModel:
-    model: ServedModel | None = running.app.state.models.get(name)
+    model: ServedModel | None = running.app.models.get(name)
     assert model is not None
     return model
 

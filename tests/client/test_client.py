@@ -22,7 +22,7 @@ import client.tensors
 from client import AsyncClient, Client, InferenceError, StreamClosed
 from server.cli import main
 from server.settings import Settings
-from server.stream import StreamRegistry
+from server.websocket import StreamRegistry
 from tests.conftest import DigitsReference, FloatArray
 from tests.fakes import model_dir, recorder
 from tests.servers import Running, in_thread
@@ -199,7 +199,7 @@ async def test_a_submitted_request_fails_with_stream_closed_when_the_server_shut
         answered = await stream.submit([1.0])
         await asyncio.wait_for(asyncio.to_thread(record.entered.wait), WAIT)
         echo.server.should_exit = True
-        streams = echo.app.state.streams
+        streams = echo.app.streams
         await asyncio.wait_for(drain_begun(streams), WAIT)
         late = await stream.submit([2.0])  # sent while draining: never read
         record.gate.set()

@@ -47,7 +47,7 @@ async def full_queue_round(running: Running, pool: Pool, base: float) -> dict[st
     """One R1 round: 4 requests held in forward, then 20 at once; returns
     the figures the round produced, to compare across rounds."""
     record = recorder("gated")
-    model: ServedModel = running.app.state.models.get("gated")
+    model: ServedModel = running.app.models.resolve("gated")
     record.gate.clear()
     try:
         before = scrape((await pool.get("/metrics")).body.decode())

@@ -1,6 +1,6 @@
 """The judges of `make slow-clients` (bench/slowloris.py, RELIABILITY R20) can
 fail, and `carpool serve` raises its own open-files limit. The run itself
-takes minutes; tests/test_limits.py has its short version."""
+takes minutes; tests/server/test_limits.py has its short version."""
 
 from __future__ import annotations
 

@@ -31,8 +31,8 @@ import orjson
 import pytest
 import torch
 
-from server.codec import InferRequest
 from server.kinds import BatchFn, ModelKind, Result
+from server.request import InferRequest
 from server.settings import Settings
 from tests.fakes import infer_body, model_dir
 from tests.servers import ROOT, Running, in_thread
@@ -75,7 +75,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     (leaky / "model.toml").write_text(
         (leaky / "model.toml").read_text().replace('"EchoKind"', '"LeakyKind"')
     )
-    (leaky / "handler.py").write_text("from tests.test_fuzz import LeakyKind\n")
+    (leaky / "handler.py").write_text("from tests.scenarios.test_fuzz import LeakyKind\n")
     settings = Settings(
         models_dir=root,
         torch_threads=1,

@@ -79,7 +79,7 @@ def serving(root: Path, **model: Any) -> Iterator[Running]:
 
 
 def batcher_stats(running: Running) -> Any:
-    model: ServedModel | None = running.app.state.models.get("echo")
+    model: ServedModel | None = running.app.models.get("echo")
     assert model is not None
     return model.batcher.stats
 

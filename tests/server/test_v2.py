@@ -685,7 +685,7 @@ async def test_a_declared_content_length_over_the_limit_is_refused_before_the_bo
 
 async def test_a_client_that_disconnects_while_queued_is_never_computed(echo: Running) -> None:
     record = recorder("echo")
-    batcher = echo.app.state.models.get("echo").batcher
+    batcher = echo.app.models.resolve("echo").batcher
     body = orjson.dumps(infer_body([2.0]))
     async with client_for(echo) as client:
         dropped_before = await sample(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from batching import BatchPolicy
 from server.repository import ConfigError, ModelConfig, TensorSpec, load_repository
 from tests.servers import ROOT
 
@@ -71,10 +72,80 @@ def test_a_minimal_file_gets_the_documented_defaults(tmp_path: Path) -> None:
         folder=toml.parent,
         inputs=(TensorSpec("x", "FP32", (-1, 4)),),
         outputs=(TensorSpec("y", "INT64", (-1,)),),
-        max_batch_size=8,
+        policy=BatchPolicy(max_batch_size=8),
     )
-    assert (config.max_wait_ms, config.max_queue, config.eager) == (2.0, 256, True)
-    assert (config.device, config.instances, config.version) == ("auto", 1, "1")
+    assert (config.max_batch_size, config.max_queue) == (8, 256)
+    assert (config.queue_timeout_ms, config.device, config.instances, config.version) == (
+        5000.0,
+        "auto",
+        1,
+        "1",
+    )
+
+
+# -- the batching keys ----------------------------------------------------------
+
+EVERY_KNOB = """\
+max_batch_size = 16
+max_wait_ms = 7
+max_queue = 99
+eager = false
+isolate_errors = false
+shrink_ms = 1500
+hang_timeout_ms = 2500.0
+"""
+
+
+def test_a_file_without_batching_keys_gets_batch_policys_own_defaults(tmp_path: Path) -> None:
+    write(tmp_path, "m", valid().replace("max_batch_size = 8\n", ""))
+    (config,) = load_repository(tmp_path)
+    assert config.policy == BatchPolicy()
+
+
+def test_the_batching_defaults_are_the_ones_the_readme_documents(tmp_path: Path) -> None:
+    write(tmp_path, "m", valid().replace("max_batch_size = 8\n", ""))
+    (config,) = load_repository(tmp_path)
+    assert config.policy == BatchPolicy(
+        max_batch_size=32,
+        max_wait=0.002,
+        max_queue=256,
+        eager=True,
+        isolate_errors=True,
+        shrink_seconds=60.0,
+        hang_seconds=30.0,
+    )
+
+
+def test_every_batching_key_reaches_the_policy_with_milliseconds_as_seconds(
+    tmp_path: Path,
+) -> None:
+    write(tmp_path, "m", EVERY_KNOB + valid().replace("max_batch_size = 8\n", ""))
+    (config,) = load_repository(tmp_path)
+    assert config.policy == BatchPolicy(
+        max_batch_size=16,
+        max_wait=0.007,
+        max_queue=99,
+        eager=False,
+        isolate_errors=False,
+        shrink_seconds=1.5,
+        hang_seconds=2.5,
+    )
+    assert (config.max_batch_size, config.max_queue) == (16, 99)
+
+
+def test_shrink_ms_sets_how_long_the_cap_after_running_out_of_memory_lasts(
+    tmp_path: Path,
+) -> None:
+    write(tmp_path, "m", "shrink_ms = 250\n" + valid())
+    (config,) = load_repository(tmp_path)
+    assert config.policy.shrink_seconds == 0.25
+    assert config.policy == BatchPolicy(max_batch_size=8, shrink_seconds=0.25)
+
+
+def test_a_hang_timeout_of_zero_never_gives_up_on_a_forward(tmp_path: Path) -> None:
+    write(tmp_path, "m", "hang_timeout_ms = 0\n" + valid())
+    (config,) = load_repository(tmp_path)
+    assert config.policy.hang_seconds is None
 
 
 def test_models_are_listed_by_name_whatever_their_folders(tmp_path: Path) -> None:
@@ -120,7 +191,18 @@ BAD_FILES = [
         id="max-batch-size-zero",
     ),
     pytest.param("eager = 1\n" + valid(), ["eager"], id="eager-an-int"),
-    pytest.param("max_wait_ms = -1\n" + valid(), ["max_wait_ms"], id="negative-wait"),
+    pytest.param("max_wait_ms = -1\n" + valid(), ["max_wait_ms", "-1"], id="negative-wait"),
+    pytest.param('max_wait_ms = "2"\n' + valid(), ["max_wait_ms", "'2'"], id="wait-a-string"),
+    pytest.param("max_queue = 0\n" + valid(), ["max_queue = 0"], id="max-queue-zero"),
+    pytest.param("isolate_errors = 1\n" + valid(), ["isolate_errors"], id="isolate-an-int"),
+    pytest.param("shrink_ms = -1\n" + valid(), ["shrink_ms = -1"], id="negative-shrink"),
+    pytest.param('shrink_ms = "60s"\n' + valid(), ["shrink_ms", "'60s'"], id="shrink-a-string"),
+    pytest.param("shrink_ms = true\n" + valid(), ["shrink_ms"], id="shrink-a-bool"),
+    pytest.param("hang_timeout_ms = -5\n" + valid(), ["hang_timeout_ms = -5"], id="negative-hang"),
+    pytest.param(
+        "queue_timeout_ms = 0\n" + valid(), ["queue_timeout_ms = 0"], id="queue-timeout-zero"
+    ),
+    pytest.param("instances = 0\n" + valid(), ["instances = 0"], id="no-instances"),
     pytest.param('device = "tpu"\n' + valid(), ["'tpu'"], id="bad-device"),
     pytest.param("options = 3\n" + valid(), [], id="options-not-a-table"),
     pytest.param(

@@ -43,16 +43,16 @@ from schemathesis.specs.openapi.checks import (
 from starlette.routing import Route, WebSocketRoute
 from websockets.asyncio.client import connect
 
-from server.codec import InferRequest, decode_request
 from server.errors import BadRequest
 from server.kinds import BatchFn, ModelKind, Result
 from server.models import ModelSet
 from server.openapi import spec
 from server.repository import ModelConfig, TensorSpec
+from server.request import InferRequest, decode_request
 from server.settings import Settings
 from tests.fakes import infer_body, model_dir
+from tests.scenarios.test_fuzz import revealing
 from tests.servers import ROOT, Running, in_thread
-from tests.test_fuzz import revealing
 
 EXAMPLES = int(os.environ.get("CARPOOL_FUZZ_EXAMPLES", "2000"))
 WAIT = 30.0
@@ -88,7 +88,7 @@ def nan_model(root: Path) -> None:
         '[[outputs]]\nname = "y"\ndatatype = "FP32"\nshape = [-1, 1]\n'
         '[options]\nmodule = "handler.py"\nclass = "NanKind"\n'
     )
-    (folder / "handler.py").write_text("from tests.test_openapi import NanKind\n")
+    (folder / "handler.py").write_text("from tests.server.test_openapi import NanKind\n")
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_every_http_route_of_the_app_is_in_the_document_for_every_model(
 ) -> None:
     paths = document["paths"]
     checked = 0
-    for route in described.app.routes:
+    for route in described.app.starlette.routes:
         if isinstance(route, WebSocketRoute):
             assert route.path in str(document["info"]["description"]), route.path
             continue

@@ -1,60 +1,27 @@
-"""Open Inference Protocol v2 (KServe v2 REST) request and response bodies.
+"""An Open Inference Protocol v2 (KServe v2 REST) infer request, decoded.
 
 ``decode_request`` parses and validates an infer request against the model's
 declared inputs: every error is a ``BadRequest`` naming the field, raised
 before anything is queued. Both data forms are accepted: JSON (flat or nested
-``data``) and the binary tensor extension (``Inference-Header-Content-Length``
-with ``parameters.binary_data_size`` per input), which standard clients such
-as tritonclient use by default.
-
-``encode_response`` joins the per-item results again, as JSON ``data`` or as
-binary output when the request asked for it (``binary_data_output`` or an
-output's ``binary_data``).
+``data``, see ``server.json_data``) and the binary tensor extension
+(``Inference-Header-Content-Length`` with ``parameters.binary_data_size`` per
+input, see ``server.binary_data``), which standard clients such as
+tritonclient use by default.
 """
 
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain
 from typing import Any
 
 import orjson
 
+from server import binary_data, json_data
 from server.errors import BadRequest
 from server.repository import ModelConfig, TensorSpec
 
-_FLOAT_MAX = {"FP16": 65504.0, "FP32": 3.4028234663852886e38, "FP64": math.inf}
-_INT_RANGE = {
-    "INT8": (-(2**7), 2**7 - 1),
-    "INT16": (-(2**15), 2**15 - 1),
-    "INT32": (-(2**31), 2**31 - 1),
-    "INT64": (-(2**63), 2**63 - 1),
-    "UINT8": (0, 2**8 - 1),
-    "UINT16": (0, 2**16 - 1),
-    "UINT32": (0, 2**32 - 1),
-    "UINT64": (0, 2**64 - 1),
-}
-_STRUCT = {
-    "BOOL": "?",
-    "INT8": "b",
-    "INT16": "h",
-    "INT32": "i",
-    "INT64": "q",
-    "UINT8": "B",
-    "UINT16": "H",
-    "UINT32": "I",
-    "UINT64": "Q",
-    "FP16": "e",
-    "FP32": "f",
-    "FP64": "d",
-}
-_NUMBER = frozenset({int, float})
-_INT = frozenset({int})
-_BOOL = frozenset({bool})
-_STR = frozenset({str})
 _REQUEST_KEYS = frozenset({"id", "inputs", "outputs", "parameters"})
 _PARAMETER_TYPES = frozenset({bool, int, float, str})
 
@@ -130,17 +97,17 @@ def decode_request(
             offset += binary_size
             if len(chunk) != binary_size:
                 raise BadRequest(f"input {spec.name!r}: the body ends inside its binary data")
-            data = _from_binary(spec, chunk, size)
+            data = binary_data.unpack(spec, chunk, size)
         else:
             data = entry.get("data")
             if type(data) is not list:
                 raise BadRequest(f'input {spec.name!r}: "data" must be a list')
-            data = _flatten(spec.name, data, shape)
+            data = json_data.flatten(spec.name, data, shape)
             if len(data) != size:
                 raise BadRequest(
                     f"input {spec.name!r}: shape {shape} needs {size} values, the data has {len(data)}"
                 )
-            _check_values(spec, data)
+            json_data.check_values(spec, data)
         columns[spec.name] = data
     missing = [spec.name for spec in config.inputs if spec.name not in columns]
     if missing:
@@ -153,33 +120,6 @@ def decode_request(
         )
     outputs, binary_outputs = _requested_outputs(doc.get("outputs"), config, parameters)
     return InferRequest(request_id, count, columns, outputs, binary_outputs, parameters)
-
-
-def encode_response(
-    config: ModelConfig, request: InferRequest, results: Sequence[dict[str, Any]]
-) -> tuple[bytes, int | None]:
-    """The response body, and the JSON header's length when it has binary data."""
-    outputs: list[dict[str, Any]] = []
-    chunks: list[bytes] = []
-    for spec in request.outputs:
-        data = _gather(spec, results)
-        shape = [len(results), *_item_shape(spec, results)]
-        entry: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": shape}
-        if spec.name in request.binary_outputs:
-            raw = _to_binary(spec.datatype, data)
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            chunks.append(raw)
-        else:
-            entry["data"] = data
-        outputs.append(entry)
-    doc: dict[str, Any] = {"model_name": config.name, "model_version": config.version}
-    if request.id is not None:
-        doc["id"] = request.id
-    doc["outputs"] = outputs
-    header = orjson.dumps(doc)
-    if chunks:
-        return header + b"".join(chunks), len(header)
-    return header, None
 
 
 def queue_timeout(config: ModelConfig, parameters: dict[str, Any], header_ms: int | None) -> float:
@@ -199,9 +139,6 @@ def queue_timeout(config: ModelConfig, parameters: dict[str, Any], header_ms: in
             raise BadRequest("parameters.timeout must be a positive integer (microseconds)")
         seconds = min(seconds, micros / 1_000_000)
     return seconds
-
-
-# -- inputs ----------------------------------------------------------------
 
 
 def _names(specs: Sequence[TensorSpec]) -> str:
@@ -250,101 +187,11 @@ def _input_header(
     return spec, shape
 
 
-def _flatten(name: str, data: list[Any], shape: list[int]) -> list[Any]:
-    for depth, dim in enumerate(shape[1:], start=1):
-        if not data or type(data[0]) is not list:
-            return data  # already flat (or ragged: the count check says so)
-        if not all(type(row) is list and len(row) == dim for row in data):
-            raise BadRequest(
-                f"input {name!r}: nested data does not match the shape {shape} at depth {depth}"
-            )
-        data = list(chain.from_iterable(data))
-    return data
-
-
-def _check_values(spec: TensorSpec, data: list[Any]) -> None:
-    datatype = spec.datatype
-    types = set(map(type, data))
-    if datatype in _FLOAT_MAX:
-        if not types <= _NUMBER:
-            raise BadRequest(
-                f"input {spec.name!r}: {datatype} data must be numbers, found {_type_names(types - _NUMBER)}"
-            )
-        limit = _FLOAT_MAX[datatype]
-        if data and (max(data) > limit or min(data) < -limit):
-            raise BadRequest(f"input {spec.name!r}: a value is outside the {datatype} range")
-    elif datatype in _INT_RANGE:
-        if not types <= _INT:
-            raise BadRequest(
-                f"input {spec.name!r}: {datatype} data must be integers, found {_type_names(types - _INT)}"
-            )
-        low, high = _INT_RANGE[datatype]
-        if data and (min(data) < low or max(data) > high):
-            raise BadRequest(
-                f"input {spec.name!r}: a value is outside the {datatype} range [{low}, {high}]"
-            )
-    elif datatype == "BOOL":
-        if not types <= _BOOL:
-            raise BadRequest(f"input {spec.name!r}: BOOL data must be true or false")
-    elif not types <= _STR:
-        raise BadRequest(
-            f"input {spec.name!r}: BYTES data must be strings, found {_type_names(types - _STR)}"
-        )
-
-
-def _type_names(types: set[type]) -> str:
-    names = {
-        int: "integer",
-        float: "number",
-        str: "string",
-        bool: "boolean",
-        list: "list",
-        dict: "object",
-    }
-    return ", ".join(sorted(names.get(t, "null" if t is type(None) else t.__name__) for t in types))
-
-
-def _from_binary(spec: TensorSpec, raw: memoryview, size: int) -> list[Any]:
-    if spec.datatype == "BYTES":
-        return _bytes_elements(spec.name, raw, size)
-    code = _STRUCT[spec.datatype]
-    width = struct.calcsize(code)
-    if len(raw) != size * width:
-        raise BadRequest(
-            f"input {spec.name!r}: {size} {spec.datatype} values take {size * width} bytes, got {len(raw)}"
-        )
-    values = list(struct.unpack(f"<{size}{code}", raw))
-    if spec.datatype in _FLOAT_MAX and not all(map(math.isfinite, values)):
-        raise BadRequest(f"input {spec.name!r}: NaN and infinity are not accepted")
-    return values
-
-
-def _bytes_elements(name: str, raw: memoryview, size: int) -> list[Any]:
-    values: list[Any] = []
-    offset = 0
-    for _ in range(size):
-        if offset + 4 > len(raw):
-            raise BadRequest(f"input {name!r}: binary BYTES data ends early")
-        (length,) = struct.unpack_from("<I", raw, offset)
-        offset += 4
-        if offset + length > len(raw):
-            raise BadRequest(f"input {name!r}: binary BYTES data ends early")
-        try:
-            values.append(str(raw[offset : offset + length], "utf-8"))
-        except UnicodeDecodeError:
-            raise BadRequest(f"input {name!r}: BYTES elements must be UTF-8 text") from None
-        offset += length
-    if offset != len(raw):
-        raise BadRequest(f"input {name!r}: binary BYTES data holds more than {size} elements")
-    return values
-
-
-# -- outputs ---------------------------------------------------------------
-
-
 def _requested_outputs(
     value: object, config: ModelConfig, parameters: dict[str, Any]
 ) -> tuple[list[TensorSpec], frozenset[str]]:
+    """The outputs asked for (all, when ``outputs`` is left out), and which of
+    them go back as binary data."""
     binary_default = parameters.get("binary_data_output") is True
     if value is None:
         specs = list(config.outputs)
@@ -366,31 +213,3 @@ def _requested_outputs(
             binary.add(spec.name)
         specs.append(spec)
     return specs, frozenset(binary)
-
-
-def _gather(spec: TensorSpec, results: Sequence[dict[str, Any]]) -> list[Any]:
-    name = spec.name
-    values = [result[name] for result in results]
-    for _ in spec.item_shape:
-        values = list(chain.from_iterable(values))
-    return values
-
-
-def _item_shape(spec: TensorSpec, results: Sequence[dict[str, Any]]) -> list[int]:
-    if -1 not in spec.item_shape:
-        return list(spec.item_shape)
-    shape, value = [], results[0][spec.name] if results else []
-    for _ in spec.item_shape:
-        shape.append(len(value))
-        value = value[0] if value else []
-    return shape
-
-
-def _to_binary(datatype: str, data: list[Any]) -> bytes:
-    if datatype == "BYTES":
-        parts = []
-        for value in data:
-            raw = value.encode() if isinstance(value, str) else bytes(value)
-            parts.append(struct.pack("<I", len(raw)) + raw)
-        return b"".join(parts)
-    return struct.pack(f"<{len(data)}{_STRUCT[datatype]}", *data)

@@ -12,9 +12,9 @@ import httpx
 import orjson
 import pytest
 
-from server.codec import queue_timeout
 from server.errors import BadRequest
 from server.repository import ModelConfig, TensorSpec
+from server.request import queue_timeout
 from server.settings import Settings
 from tests.fakes import infer_body, model_dir, recorder, wait_until
 from tests.servers import in_thread, scrape

@@ -11,10 +11,9 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from starlette.applications import Starlette
 
 from server.access import ACCESS_LOGGER, AccessLog
-from server.app import create_app
+from server.app import Carpool, create_app
 from server.asgi import Receive, Scope, Send, respond
 from server.settings import Settings
 from tests.servers import ROOT, in_thread
@@ -153,9 +152,9 @@ async def test_a_lifespan_scope_passes_through_unlogged(lines: Lines) -> None:
     assert lines.records == []
 
 
-def installed(app: Starlette) -> list[object]:
+def installed(app: Carpool) -> list[object]:
     """The classes of an app's middleware, outermost first."""
-    return [middleware.cls for middleware in app.user_middleware]
+    return [middleware.cls for middleware in app.starlette.user_middleware]
 
 
 def test_the_access_log_is_off_by_default_and_then_not_installed() -> None:

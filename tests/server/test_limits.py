@@ -20,12 +20,12 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from websockets.asyncio.client import connect
 
 from server import cli
-from server.codec import InferRequest
 from server.errors import BadRequest
 from server.kinds.text import TextKind
-from server.protocol import DeadlineProtocol
 from server.repository import ModelConfig, TensorSpec, load_repository
+from server.request import InferRequest
 from server.settings import Settings
+from server.uvicorn_internals import DeadlineProtocol
 from tests.fakes import infer_body, model_dir, recorder
 from tests.servers import Running, in_thread
 

@@ -1,41 +1,40 @@
-"""uvicorn's httptools protocol with deadlines for receiving a request.
+"""Every place carpool relies on uvicorn's internals, and nothing else.
 
-uvicorn has no request-receipt timeout: a client that sends its headers (or
-its body) one byte a second holds a connection, and a slot of memory, for as
-long as it likes (slowloris; uvicorn issue #157), and httptools accepts
-headers of any size. This protocol adds, per connection:
+Written against uvicorn 0.54 (pinned to <0.55 in pyproject.toml): read it again
+before moving the pin.
 
-- a header deadline: from a connection's opening, or a request's first byte,
-  to its last header (``header_timeout``);
-- a body deadline: from the last header to the body's last byte
-  (``body_timeout``);
-- a cap on the bytes of an unfinished head (request line and headers).
+``DeadlineProtocol``: uvicorn's httptools protocol with deadlines for
+receiving a request, which uvicorn lacks (slowloris; uvicorn #157): from a
+connection's opening or a request's first byte to its last header
+(``header_timeout``), from there to the body's last byte (``body_timeout``),
+and a cap on an unfinished head. On expiry: 408 (431 for the cap) with
+``Connection: close`` if nothing is answered yet, then a lingering close; a
+connection that never sent a byte is just closed. One timer per connection,
+re-armed only when a read leaves a request unfinished. A WebSocket handshake
+gets the header deadline too; ``server/limits.py`` applies the exact header
+limit (431) once headers are complete.
 
-On expiry the client gets ``408`` (``431`` for the cap) with ``Connection:
-close`` where nothing has been answered yet, and the connection is closed
-either way (after a short linger that lets the client read the answer); a
-connection that never sent a byte is just closed. One timer per connection
-checks the deadlines; it is armed when the connection opens and re-armed only
-when a read leaves a request unfinished, so a request that arrives in one
-read costs two clock reads. A WebSocket handshake gets the header deadline
-too. ``server/limits.py`` applies the exact header limit (431) once headers
-are complete.
-
-Use it as uvicorn's ``http=`` implementation: ``http=http_protocol(settings)``.
+``Server``: uvicorn's, with carpool's drain (``server/lifecycle.py``) first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import signal
+import socket
+from types import FrameType
 from typing import Any
 
-import orjson
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import (
     STATUS_LINE,
     HttpToolsProtocol,
     RequestResponseCycle,
 )
 
+from server.errors import HeadersTooLarge, RequestTimeout, answer
+from server.lifecycle import Lifecycle
 from server.settings import Settings
 
 # the phases of a connection's current request
@@ -49,6 +48,7 @@ _BODY = 3  # body arriving
 _HEAD_SLACK = 8 * 1024
 _DEFAULTS = Settings()
 _LINGER_SECONDS = 2.0
+_CLOSING_JSON = b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
 
 
 class DeadlineProtocol(HttpToolsProtocol):
@@ -79,10 +79,9 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
-        # uvicorn tells only the newest request (``self.cycle``) that the
-        # client left; one ahead of a pipelined request would go on to write
-        # its answer into the closed transport (an error in the log instead
-        # of a cancellation; found by killing clients, tests/test_cancellation.py)
+        # uvicorn tells only the newest request (``self.cycle``) that the client
+        # left; one ahead of a pipelined request would write its answer into the
+        # closed transport and log an error (found by killing clients, R7)
         for cycle in self._ahead:
             if not cycle.response_complete:
                 cycle.disconnected = True
@@ -109,7 +108,9 @@ class DeadlineProtocol(HttpToolsProtocol):
         if phase == _HEAD:
             self._head_bytes += len(data)
             if self._head_bytes > self.max_head_bytes:
-                self._refuse(431, f"the request head is over {self.max_head_bytes} bytes")
+                self._refuse(
+                    HeadersTooLarge(f"the request head is over {self.max_head_bytes} bytes")
+                )
                 return
         elif phase == _BODY and self.cycle.transport is self.transport:
             # the app may answer before the body is in: make its close linger
@@ -120,10 +121,9 @@ class DeadlineProtocol(HttpToolsProtocol):
             self._arm(deadline)
 
     def handle_websocket_upgrade(self) -> None:
-        # The WebSocket protocol takes the transport over from here. It gets
-        # the same header deadline for its handshake: uvicorn's
-        # websockets-sansio protocol never answers (nor closes) a handshake
-        # that websockets cannot parse, such as a POST with a body.
+        # The WebSocket protocol takes the transport over; its handshake gets the
+        # header deadline: uvicorn's websockets-sansio protocol never answers (nor
+        # closes) a handshake that websockets cannot parse, such as a POST with a body.
         self._disarm()
         self._phase = _IDLE
         transport = self.transport
@@ -180,12 +180,16 @@ class DeadlineProtocol(HttpToolsProtocol):
         elif phase == _FRESH:
             self.transport.close()
         elif phase == _HEAD:
-            self._refuse(408, f"the request headers took longer than {self.header_timeout:g} s")
+            self._refuse(
+                RequestTimeout(f"the request headers took longer than {self.header_timeout:g} s")
+            )
         else:
-            self._refuse(408, f"the request body took longer than {self.body_timeout:g} s")
+            self._refuse(
+                RequestTimeout(f"the request body took longer than {self.body_timeout:g} s")
+            )
 
-    def _refuse(self, status: int, message: str) -> None:
-        """Answer ``status`` if nothing is answering this connection yet, and close it."""
+    def _refuse(self, error: RequestTimeout | HeadersTooLarge) -> None:
+        """Answer ``error`` if nothing is answering this connection yet, and close it."""
         cycle = self.cycle
         if self._phase == _BODY:
             if cycle.response_complete and not self.transport.is_closing():
@@ -204,29 +208,18 @@ class DeadlineProtocol(HttpToolsProtocol):
             # an earlier (pipelined) request is still being answered
             self.transport.close()
             return
-        body = orjson.dumps(
-            {"error": message, "reason": "timeout" if status == 408 else "too_large"}
-        )
-        head = [STATUS_LINE[status]]
-        for name, value in self.server_state.default_headers:
-            head += [name, b": ", value, b"\r\n"]
-        head += [
-            b"content-type: application/json\r\n",
-            b"content-length: %d\r\n" % len(body),
-            b"connection: close\r\n\r\n",
-            body,
-        ]
+        told = answer(error)
+        head = [STATUS_LINE[told.status]]
+        head += [b"%s: %s\r\n" % pair for pair in self.server_state.default_headers]
+        head += [_CLOSING_JSON % len(told.body), told.body]
         self.transport.write(b"".join(head))
         self._linger()
 
     def _linger(self) -> None:
-        """Close after the answer, without losing it.
-
-        Closing a socket with unread input makes the kernel reset the
-        connection, and a reset can destroy the answer before the client
-        reads it. So: send FIN after the answer, then read and drop what the
-        client still sends, for at most ``_LINGER_SECONDS``, as nginx does.
-        """
+        """Close after the answer without losing it: closing a socket with unread
+        input resets the connection, which can destroy the answer before the
+        client reads it. So send FIN, then read and drop what the client still
+        sends for at most ``_LINGER_SECONDS``, as nginx does."""
         if self._lingering:
             return
         self._disarm()
@@ -277,3 +270,31 @@ def http_protocol(settings: Settings) -> type[DeadlineProtocol]:
             "max_head_bytes": 2 * settings.max_header_bytes + _HEAD_SLACK,
         },
     )
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, with carpool's drain in front of its shutdown."""
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, freeze_heap: bool = False):
+        super().__init__(config)
+        self.lifecycle = lifecycle
+        self.freeze_heap = freeze_heap
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)  # the lifespan has loaded the models by now
+        if self.freeze_heap:
+            # What start-up built (torch, the models: ~230k objects) lives as long as
+            # the process: frozen, full collections (which connection churn triggers)
+            # never walk it again (~150 ms each otherwise, bench/slowloris.py).
+            gc.collect()
+            gc.freeze()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals once it has shut down, so the process
+        # dies by SIGTERM; after a completed drain orchestrators expect status 0.
+        self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await self.lifecycle.shutdown()  # carpool's drain, while connections are open
+        await super().shutdown(sockets)  # then uvicorn's: listeners, connections, lifespan

@@ -18,7 +18,7 @@ import uvicorn
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from server import cli, lifecycle
+from server import cli, uvicorn_internals
 from server.app import create_app
 from server.asgi import Message
 from server.auth import AuthConfigError, BearerAuth, load_tokens, warn_if_exposed
@@ -394,7 +394,7 @@ def test_there_are_no_admin_endpoints_to_guard_only_reads_inference_and_metrics(
     # anything must fail here, and get its own token area in server/auth.py.
     routes = {
         (path, method)
-        for route in guarded.app.routes
+        for route in guarded.app.starlette.routes
         for path in [getattr(route, "path", "")]
         for method in sorted(getattr(route, "methods", None) or {"WEBSOCKET"})
     }
@@ -442,7 +442,7 @@ def test_carpool_serve_warns_at_start_when_exposed_without_tokens(
         pass  # nothing binds: the test only runs the CLI's setup
 
     # on the base class, so that any subclass the CLI runs is covered too
-    monkeypatch.setattr(lifecycle.Server, "run", not_serving)
+    monkeypatch.setattr(uvicorn_internals.Server, "run", not_serving)
     with caplog.at_level(logging.WARNING, logger="carpool.auth"):
         cli.serve_forever(Settings(host="0.0.0.0", models_dir=model_dir(tmp_path, "cli")))
     assert "serving on 0.0.0.0 without auth tokens" in caplog.text

@@ -40,7 +40,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from server.app import create_app
 from server.cli import uvicorn_config
 from server.settings import Settings
-from server.stream import StreamRegistry
+from server.websocket import StreamRegistry
 from tests.fakes import infer_body, model_dir, wait_until
 from tests.servers import Child, Running, in_thread, scrape, subprocess_server
 
@@ -204,7 +204,7 @@ def serving(root: Path, name: str = "echo", **settings: Any) -> Iterator[Running
 
 
 def registry(running: Running) -> StreamRegistry:
-    streams: StreamRegistry = running.app.state.streams
+    streams: StreamRegistry = running.app.streams
     return streams
 
 
