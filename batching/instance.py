@@ -129,6 +129,11 @@ class Instance(Generic[Item, Result]):
         except BaseException as exc:
             if outcome is None:  # no answers came back from the worker thread
                 self._abandon(batch, exc)
+            else:  # our own code failed while settling: nobody may be left waiting
+                error = InternalError(f"{self.name} failed while answering this request's batch")
+                error.__cause__ = exc
+                for pending, _, _ in batch:
+                    self.queue.fail(pending, error, "failed")  # no-op for those answered
             raise
         finally:
             stats.in_flight -= size

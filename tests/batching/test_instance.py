@@ -104,6 +104,34 @@ async def test_a_listener_that_raises_after_a_batch_still_leaves_its_callers_ans
     assert batcher.stats.loop_restarts == 0
 
 
+async def test_a_bug_while_answering_a_batch_fails_its_callers_instead_of_leaving_them_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gate = threading.Event()
+    batcher: Batcher[int, int] = Batcher([gated_double(gate)], POLICY)
+    queue = batcher._queue
+    deliver = queue.deliver
+    raised: list[int] = []
+
+    def deliver_once_broken(*args: Any) -> None:
+        if not raised and batcher.stats.batches == 2:  # the batch of [1, 2, 3]
+            raised.append(1)
+            raise RuntimeError("bug in delivering results")
+        deliver(*args)
+
+    monkeypatch.setattr(queue, "deliver", deliver_once_broken)
+    async with batcher:
+        outcomes = await one_batch(batcher, gate, [1, 2, 3])
+        for outcome in outcomes:
+            assert isinstance(outcome, InternalError)
+            assert isinstance(outcome.__cause__, RuntimeError)
+        await serves_on(batcher)
+    assert raised == [1]
+    assert batcher.stats.loop_errors == 1
+    assert batcher.stats.loop_restarts == 0
+    assert batcher.stats.queued == batcher.stats.in_flight == 0
+
+
 async def test_a_bug_while_forming_a_batch_loses_no_queued_item(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
