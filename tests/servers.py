@@ -1,8 +1,8 @@
 """Real servers for integration tests, on loopback ports picked by the OS.
 
 ``in_thread(settings)`` runs create_app() under uvicorn in a background
-thread of the test process (so tests can reach the app's state and the fake
-models' logs); ``subprocess_server(args)`` runs ``python -m server serve`` as
+thread of the test process (so tests can reach the app's models and streams
+and the fake models' logs); ``subprocess_server(args)`` runs ``python -m server serve`` as
 a child process, for tests that signal or kill it. Both bind 127.0.0.1 only
 and stop what they started.
 """
