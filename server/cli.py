@@ -16,7 +16,7 @@ from client import cli as client_cli
 from server.app import Carpool, create_app
 from server.auth import warn_if_exposed
 from server.settings import Settings
-from server.uvicorn_internals import Server, http_protocol
+from server.uvicorn_internals import HEAD_SLACK, DeadlineProtocol, Server
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -92,6 +92,10 @@ def uvicorn_config(app: Carpool, settings: Settings, **overrides: Any) -> uvicor
         # uvicorn's own guard answers a bare 503 without Retry-After; it sits
         # far above our queues so that our shedding trips first
         "limit_concurrency": settings.limit_concurrency,
+        # nothing in carpool reads the client's address: X-Forwarded-* are only
+        # parsed (a middleware layer on every request) when proxies are named
+        "proxy_headers": bool(settings.forwarded_allow_ips),
+        "forwarded_allow_ips": settings.forwarded_allow_ips or None,
         "lifespan": "on",
         "access_log": False,
         "log_level": settings.log_level,
@@ -101,3 +105,16 @@ def uvicorn_config(app: Carpool, settings: Settings, **overrides: Any) -> uvicor
     }
     options.update(overrides)
     return uvicorn.Config(app, **options)
+
+
+def http_protocol(settings: Settings) -> type[DeadlineProtocol]:
+    """The protocol class for uvicorn's ``http=``, with ``settings``' limits."""
+    return type(
+        "CarpoolHttpProtocol",
+        (DeadlineProtocol,),
+        {
+            "header_timeout": settings.header_timeout,
+            "body_timeout": settings.body_timeout,
+            "max_head_bytes": 2 * settings.max_header_bytes + HEAD_SLACK,
+        },
+    )

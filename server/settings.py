@@ -40,6 +40,9 @@ class Settings:
     drain_delay: float = 0.0  # seconds of "not ready, still serving" before the drain
     log_level: str = "info"
     access_log: bool = False  # one JSON line per request on stdout (server/access.py)
+    # proxies whose X-Forwarded-For/-Proto uvicorn believes (its forwarded_allow_ips);
+    # empty: proxy headers are off, and no request pays for reading them
+    forwarded_allow_ips: str = ""
     # hardening (server/limits.py, server/uvicorn_internals.py, server/auth.py)
     max_header_bytes: int = 16 * 1024  # names + values of all request headers; over: 431
     header_timeout: float = 10.0  # seconds from a request's first byte to its last header

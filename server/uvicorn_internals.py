@@ -1,20 +1,13 @@
 """Every place carpool relies on uvicorn's internals, and nothing else.
 
-Written against uvicorn 0.54 (pinned to <0.55 in pyproject.toml): read it again
-before moving the pin.
-
-``DeadlineProtocol``: uvicorn's httptools protocol with deadlines for
-receiving a request, which uvicorn lacks (slowloris; uvicorn #157): from a
-connection's opening or a request's first byte to its last header
-(``header_timeout``), from there to the body's last byte (``body_timeout``),
-and a cap on an unfinished head. On expiry: 408 (431 for the cap) with
-``Connection: close`` if nothing is answered yet, then a lingering close; a
-connection that never sent a byte is just closed. One timer per connection,
-re-armed only when a read leaves a request unfinished. A WebSocket handshake
-gets the header deadline too; ``server/limits.py`` applies the exact header
-limit (431) once headers are complete.
-
-``Server``: uvicorn's, with carpool's drain (``server/lifecycle.py``) first.
+Written against uvicorn 0.54 (pinned to <0.55 in pyproject.toml): read it
+again before moving the pin. ``DeadlineProtocol`` is uvicorn's httptools
+protocol with what uvicorn lacks: deadlines for receiving a request
+(slowloris, uvicorn #157: ``header_timeout`` to the last header,
+``body_timeout`` to the body's last byte; 408, or 431 past a cap on an
+unfinished head, then a lingering close) and answers that leave in one
+write. ``server/limits.py`` applies the exact header limit (431). ``Server``
+is uvicorn's, with carpool's drain (``server/lifecycle.py``) first.
 """
 
 from __future__ import annotations
@@ -45,9 +38,10 @@ _BODY = 3  # body arriving
 
 # room for the request line and the header framing ("name: value\r\n") on top
 # of the names and values that server/limits.py counts
-_HEAD_SLACK = 8 * 1024
+HEAD_SLACK = 8 * 1024
 _DEFAULTS = Settings()
 _LINGER_SECONDS = 2.0
+_ONE_WRITE = 64 * 1024  # a body up to this size is joined to its head for one write
 _CLOSING_JSON = b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
 
 
@@ -56,7 +50,7 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     header_timeout: float = _DEFAULTS.header_timeout
     body_timeout: float = _DEFAULTS.body_timeout
-    max_head_bytes: int = 2 * _DEFAULTS.max_header_bytes + _HEAD_SLACK
+    max_head_bytes: int = 2 * _DEFAULTS.max_header_bytes + HEAD_SLACK
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -68,8 +62,6 @@ class DeadlineProtocol(HttpToolsProtocol):
         self._lingering = False
         # requests still being answered when a pipelined one arrived behind them
         self._ahead: list[RequestResponseCycle] = []
-
-    # -- connection ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -112,9 +104,6 @@ class DeadlineProtocol(HttpToolsProtocol):
                     HeadersTooLarge(f"the request head is over {self.max_head_bytes} bytes")
                 )
                 return
-        elif phase == _BODY and self.cycle.transport is self.transport:
-            # the app may answer before the body is in: make its close linger
-            self.cycle.transport = _LingeringClose(self)
         deadline = self._started + self._limit(phase)
         if self._timer is None or deadline < self._timer_at:
             self._disarm()
@@ -132,8 +121,6 @@ class DeadlineProtocol(HttpToolsProtocol):
             self.header_timeout, _close_unless_open, transport, transport.get_protocol()
         )
 
-    # -- parser callbacks ---------------------------------------------------
-
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._phase = _HEAD
@@ -143,7 +130,11 @@ class DeadlineProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         ahead = self.cycle
         super().on_headers_complete()
-        if ahead is not None and ahead is not self.cycle and not ahead.response_complete:
+        cycle = self.cycle
+        if cycle is ahead or cycle is None:
+            return  # a WebSocket upgrade: its protocol has the transport now
+        cycle.transport = _ResponseTransport(self, cycle)
+        if ahead is not None and not ahead.response_complete:
             self._ahead = [c for c in self._ahead if not c.response_complete]
             self._ahead.append(ahead)
         self._phase = _BODY
@@ -152,8 +143,6 @@ class DeadlineProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._phase = _IDLE
         super().on_message_complete()
-
-    # -- deadlines ----------------------------------------------------------
 
     def _limit(self, phase: int) -> float:
         return self.body_timeout if phase == _BODY else self.header_timeout
@@ -236,40 +225,46 @@ def _close_unless_open(transport: asyncio.Transport, protocol: asyncio.BaseProto
         transport.close()
 
 
-class _LingeringClose(asyncio.Transport):
-    """The transport as a request's cycle sees it while the request's body is
-    still arriving: ``close()`` (an answer with ``Connection: close`` before
-    the body was read, such as a 413) lingers instead of resetting."""
+class _ResponseTransport(asyncio.Transport):
+    """The transport as one request's cycle sees it. Its status line and
+    headers wait for the body's first write, so that an answer leaves in one
+    write (one syscall, not two); and ``close()`` while the request's body is
+    still arriving (an early answer such as a 413) lingers, not resets."""
 
-    def __init__(self, protocol: DeadlineProtocol) -> None:
+    __slots__ = ("_cycle", "_head", "_protocol", "_transport")
+
+    def __init__(self, protocol: DeadlineProtocol, cycle: RequestResponseCycle) -> None:
         super().__init__()
         self._protocol = protocol
         self._transport = protocol.transport
+        self._cycle = cycle
+        # None before the response starts; b"" once the head has gone out
+        self._head: bytes | None = None if cycle.scope["method"] != "HEAD" else b""
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._transport.write(data)
+        head = self._head
+        if head is None and self._cycle.response_started:
+            self._head = bytes(data)  # the head: it goes out with the body's first write
+        elif head:
+            self._head = b""
+            if len(data) <= _ONE_WRITE:
+                self._transport.write(head + data)
+            else:  # a large body is not copied to save one syscall
+                self._transport.write(head)
+                self._transport.write(data)
+        else:
+            self._transport.write(data)  # a 100 Continue, or the rest of the body
 
     def is_closing(self) -> bool:
         return self._transport.is_closing()
 
     def close(self) -> None:
+        if self._head:
+            self.write(b"")
         if self._protocol._phase == _BODY and not self._transport.is_closing():
             self._protocol._linger()
         else:
             self._transport.close()
-
-
-def http_protocol(settings: Settings) -> type[DeadlineProtocol]:
-    """The protocol class for uvicorn's ``http=``, with ``settings``' limits."""
-    return type(
-        "CarpoolHttpProtocol",
-        (DeadlineProtocol,),
-        {
-            "header_timeout": settings.header_timeout,
-            "body_timeout": settings.body_timeout,
-            "max_head_bytes": 2 * settings.max_header_bytes + _HEAD_SLACK,
-        },
-    )
 
 
 class Server(uvicorn.Server):

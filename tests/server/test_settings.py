@@ -7,7 +7,10 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
+from server.app import create_app
+from server.cli import uvicorn_config
 from server.settings import Settings
 
 ENVIRON = {
@@ -86,3 +89,18 @@ def test_settings_are_frozen() -> None:
     settings = Settings()
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.port = 1  # type: ignore[misc]
+
+
+def test_proxy_headers_are_off_unless_proxies_are_named() -> None:
+    """Nothing in carpool reads the client's address, so by default no
+    request pays for parsing X-Forwarded-*; naming the proxies turns
+    uvicorn's proxy-header handling on for exactly those."""
+    plain = uvicorn_config(create_app(Settings()), Settings())
+    plain.load()
+    assert not isinstance(plain.loaded_app, ProxyHeadersMiddleware)
+
+    named = Settings.from_env({"CARPOOL_FORWARDED_ALLOW_IPS": "10.0.0.7,10.0.0.8"})
+    behind = uvicorn_config(create_app(named), named)
+    behind.load()
+    assert isinstance(behind.loaded_app, ProxyHeadersMiddleware)
+    assert behind.forwarded_allow_ips == "10.0.0.7,10.0.0.8"

@@ -1,0 +1,115 @@
+"""``server/uvicorn_internals.py``: an answer leaves in one write.
+
+uvicorn writes a response's status line and headers, then its body, as two
+``transport.write`` calls: two syscalls per answer. The transport a request's
+cycle sees holds the head back for the body's first write. These drive that
+transport with a fake connection and count what reaches the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+from server.uvicorn_internals import _BODY, _IDLE, DeadlineProtocol, _ResponseTransport
+
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+
+
+class Socket(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: Any) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Cycle:
+    def __init__(self, method: str = "POST") -> None:
+        self.scope = {"method": method}
+        self.response_started = False
+
+
+class Connection:
+    def __init__(self, phase: int = _IDLE) -> None:
+        self.transport = Socket()
+        self._phase = phase
+        self.lingered = False
+
+    def _linger(self) -> None:
+        self.lingered = True
+
+
+def transport_for(
+    method: str = "POST", phase: int = _IDLE
+) -> tuple[_ResponseTransport, Cycle, Connection]:
+    connection, cycle = Connection(phase), Cycle(method)
+    transport = _ResponseTransport(
+        cast(DeadlineProtocol, connection), cast(RequestResponseCycle, cycle)
+    )
+    return transport, cycle, connection
+
+
+def test_the_head_and_the_body_leave_in_one_write() -> None:
+    transport, cycle, connection = transport_for()
+    cycle.response_started = True
+    transport.write(HEAD)
+    assert connection.transport.writes == []
+    transport.write(b"ok")
+    assert connection.transport.writes == [HEAD + b"ok"]
+
+
+def test_a_100_continue_before_the_response_goes_out_at_once() -> None:
+    transport, cycle, connection = transport_for()
+    transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert connection.transport.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    cycle.response_started = True
+    transport.write(HEAD)
+    transport.write(b"ok")
+    assert connection.transport.writes[1:] == [HEAD + b"ok"]
+
+
+def test_a_head_request_whose_answer_has_no_body_write_is_not_held() -> None:
+    transport, cycle, connection = transport_for("HEAD")
+    cycle.response_started = True
+    transport.write(HEAD)
+    assert connection.transport.writes == [HEAD]
+
+
+def test_closing_with_a_held_head_sends_it_first() -> None:
+    transport, cycle, connection = transport_for()
+    cycle.response_started = True
+    transport.write(HEAD)
+    transport.close()
+    assert connection.transport.writes == [HEAD]
+    assert connection.transport.closed
+
+
+def test_a_large_body_is_not_copied_onto_its_head() -> None:
+    transport, cycle, connection = transport_for()
+    cycle.response_started = True
+    body = b"x" * (1024 * 1024)
+    transport.write(HEAD)
+    transport.write(body)
+    transport.write(b"more")
+    assert connection.transport.writes == [HEAD, body, b"more"]
+
+
+def test_closing_while_the_request_body_still_arrives_lingers() -> None:
+    transport, cycle, connection = transport_for(phase=_BODY)
+    cycle.response_started = True
+    transport.write(HEAD)
+    transport.write(b"ok")  # an early answer, such as a 413
+    transport.close()
+    assert connection.lingered
+    assert not connection.transport.closed
