@@ -1,4 +1,4 @@
-"""The goals of issue 3, each beside the value a run measured.
+"""The goals of issues 3 and 11, each beside the value a run measured.
 
 They read the run's JSON document, so a report can be rebuilt from a
 results file. A goal whose figures are missing (a server that did not run,
@@ -12,11 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bench import costs
 from bench.results import bad_answers, number
 from bench.stats import fmt_ms
 
 PEERS = ("mosec", "fastapi", "flask")
 OPEN_LOOP_FRACTION = 0.8
+FLOOR_RATIO = 1.4  # carpool's CPU per tiny request, at most this many floors
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,9 +148,27 @@ def evaluate(doc: Doc) -> list[Goal]:
             None if math.isnan(ws_ratio) else ws_ratio >= 3.0,
         )
     )
+    goals.append(_floor_goal(doc))
     for workload in doc["plan"]["workloads"]:
         goals.append(_open_loop_goal(doc, workload, PEERS))
     return goals
+
+
+def _floor_goal(doc: Doc) -> Goal:
+    name = "tiny HTTP: CPU per request"
+    target = f"carpool's <= {FLOOR_RATIO:g}x the floor's (a bare ASGI app on the same uvicorn)"
+    ours, floor = costs.cost(doc, "tiny", "carpool"), costs.cost(doc, "tiny", costs.FLOOR)
+    if ours is None or floor is None or math.isnan(ours.times(floor)):
+        return Goal(name, target, "not measured", None)
+    ratio = ours.times(floor)
+    measured = (
+        f"carpool {ours.us_per_request:.1f} µs = {ratio:.2f}x the floor's "
+        f"{floor.us_per_request:.1f} µs"
+    )
+    mosec = costs.cost(doc, "tiny", "mosec")
+    if mosec is not None and not math.isnan(mosec.times(floor)):
+        measured += f" (mosec {mosec.us_per_request:.1f} µs = {mosec.times(floor):.2f}x)"
+    return Goal(name, target, measured, round(ratio, 2) <= FLOOR_RATIO)  # judged as shown
 
 
 def _open_loop_goal(doc: Doc, workload: str, peers: Sequence[str]) -> Goal:

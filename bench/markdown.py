@@ -65,7 +65,8 @@ def markdown(doc: Doc, pictures: list[str]) -> str:
     for picture in pictures:
         out += [f"![{picture}]({picture})", ""]
     for workload in doc["plan"]["workloads"]:
-        out += _closed_section(doc, workload) + _open_section(doc, workload)
+        out += _closed_section(doc, workload) + _cost_section(doc, workload)
+        out += _open_section(doc, workload)
     out += _offline_section(doc) + _batches_section(doc) + _checks_section(doc)
     unavailable = [p for p in doc["points"] if p["status"] == "unavailable"]
     if unavailable:
@@ -93,6 +94,10 @@ def markdown(doc: Doc, pictures: list[str]) -> str:
         "queueing, the thing measured: it counts as infinitely slow, not as a failure.",
         "- Server CPU: CPU seconds of the server's process tree over the point's wall time "
         "(1.00 = its core fully busy). Between points the suite waits until the server is idle.",
+        "- The floor: a bare ASGI app under carpool's own uvicorn configuration (uvloop, "
+        "carpool's httptools protocol) that reads each tiny body, parses it with orjson and "
+        "answers carpool's JSON, looked up from the model's answers computed at start-up: "
+        "what any Python server on this stack spends. It serves tiny over HTTP only.",
         "",
     ]
     return "\n".join(out)
@@ -118,6 +123,25 @@ def _closed_section(doc: Doc, workload: str) -> list[str]:
     ]  # fmt: skip
     header = ["server", "concurrency", unit, "p50 ms", "p90 ms", "p99 ms", "server CPU",
               "client CPU", "mean batch", "errors"]  # fmt: skip
+    return out + _table(header, rows)
+
+
+def _cost_section(doc: Doc, workload: str) -> list[str]:
+    costs = doc.get("cpu_per_request", {}).get(workload)
+    if not costs:
+        return []
+    intro = "At each server's best closed-loop HTTP point: server CPU seconds / requests answered."
+    out = [f"## {workload}: server CPU per request", "", intro, ""]
+    rows = [
+        [
+            c["server"], str(c["concurrency"]), _rate(c["rps"]),
+            "-" if c["us_per_request"] is None else f"{c['us_per_request']:.1f}",
+            "-" if c["vs_floor"] is None else f"{c['vs_floor']:.2f}x",
+        ]
+        for c in costs
+    ]  # fmt: skip
+    header = ["server", "concurrency", "req/s" if workload == "tiny" else "items/s",
+              "µs CPU per request", "vs the floor"]  # fmt: skip
     return out + _table(header, rows)
 
 

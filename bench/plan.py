@@ -63,8 +63,9 @@ class Plan:
     def planned_seconds(self) -> float:
         """Roughly how long the run takes: what the progress bar counts down."""
         total = self.offline_estimate()
+        serves = {spec.name: spec.workloads for spec in SERVERS}
         for workload in self.workloads:
-            for server in self.servers:
+            for server in (s for s in self.servers if workload in serves[s]):
                 transports = 2 if server == "carpool" else 1
                 total += STARTUP_ESTIMATE[workload] + self.warmup_seconds + 2
                 total += transports * len(self.concurrencies) * self.seconds_per_point("closed")

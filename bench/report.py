@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import goals, plots
+from bench import costs, goals, plots
 from bench.markdown import markdown
 from bench.plan import Plan
 from bench.runner import Outcome
@@ -26,7 +26,7 @@ from bench.runner import Outcome
 Doc = dict[str, Any]
 _PACKAGES = (
     "carpool", "torch", "starlette", "uvicorn", "websockets", "mosec",
-    "fastapi", "flask", "gunicorn",
+    "fastapi", "flask", "gunicorn", "uvloop", "httptools", "orjson",
 )  # fmt: skip
 
 
@@ -84,6 +84,7 @@ def document(plan: Plan, outcome: Outcome, started: datetime, seconds: float) ->
         "points": [p.to_json() for p in outcome.points],
         "errors": outcome.errors,
     }
+    doc["cpu_per_request"] = costs.summary(doc)
     doc["goals"] = [g.to_json() for g in goals.evaluate(doc)]
     doc["failures"] = goals.failures(doc)
     return doc
@@ -103,7 +104,8 @@ def write(doc: Doc, out_dir: Path) -> Path:
 
 
 def render(doc: Doc, stem: Path) -> Path:
-    """Plots and Markdown for ``doc``, its goals and failures judged afresh."""
+    """Plots and Markdown for ``doc``, its costs, goals and failures judged afresh."""
+    doc["cpu_per_request"] = costs.summary(doc)
     doc["goals"] = [g.to_json() for g in goals.evaluate(doc)]
     doc["failures"] = goals.failures(doc)
     pictures = plots.draw_all(doc, stem)

@@ -37,6 +37,7 @@ class Point:
     send_lag_p50_ms: float | None = None
     send_lag_p99_ms: float | None = None
     server_cpu: float = math.nan  # cores busy during the point (1.0 = the whole server core)
+    server_cpu_s: float = math.nan  # CPU seconds of the server's process tree over the point
     client_cpu: float = math.nan
     overloaded: bool = False  # offered more than this server's own capacity
     idle_wait_s: float = 0.0

@@ -72,7 +72,7 @@ class Runner:
             workload = workloads.make(name, self.plan.quick, reference)
             wrk = Wrk(workload, str(self.workdir))
             for spec in servers.SERVERS:
-                if spec.name in self.plan.servers:
+                if spec.name in self.plan.servers and name in spec.workloads:
                     await self.serve(spec, workload, wrk)
         return self.outcome
 
@@ -147,7 +147,8 @@ class Runner:
         server_before, client_before, began = running.cpu(), client_cpu(), time.perf_counter()
         result = await load
         wall = time.perf_counter() - began
-        point.server_cpu = (running.cpu() - server_before) / wall
+        point.server_cpu_s = running.cpu() - server_before
+        point.server_cpu = point.server_cpu_s / wall
         point.client_cpu = (client_cpu() - client_before) / wall
         after = await self.scrape(running)
         if before is not None and after is not None:

@@ -3,7 +3,9 @@
 Every server is started by the suite, bound to 127.0.0.1 on a port the OS
 picked, pinned with ``taskset`` to the server core (its whole process tree
 inherits the mask), and given the same thread settings: one torch intra-op
-thread, OMP and MKL at one. Between points the suite waits until the tree's
+thread, OMP and MKL at one. ``floor`` is no peer but the yardstick: a bare
+ASGI app on carpool's uvicorn configuration (``bench/peers/floor_app.py``),
+serving only the tiny workload. Between points the suite waits until the tree's
 CPU use falls to nothing, so one point's backlog never lands on the next.
 """
 
@@ -24,7 +26,7 @@ from pathlib import Path
 from bench import procs
 from bench.client import fetch
 from bench.loopback import HOST, require_loopback
-from bench.workloads import Workload
+from bench.workloads import NAMES, Workload
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_CORE = 0
@@ -42,6 +44,7 @@ class ServerSpec:
     name: str
     transports: tuple[str, ...] = ("http",)
     batching: bool = False
+    workloads: tuple[str, ...] = NAMES  # the others it cannot answer: skipped
 
     def command(self, model: str, port: int, repository: Path) -> list[str]:
         python = sys.executable
@@ -68,6 +71,11 @@ class ServerSpec:
                 *["--bind", f"{HOST}:{port}", "--workers", "1", "--worker-class", "gthread"],
                 *["--threads", "8", "--backlog", "2048", "--log-level", "warning"],
             ]
+        if self.name == "floor":
+            return [
+                *[python, "-m", "bench.peers.floor_app", "--host", HOST, "--port", str(port)],
+                *["--log-level", "warning"],
+            ]
         raise ValueError(f"unknown server {self.name!r}")
 
 
@@ -76,6 +84,7 @@ SERVERS = (
     ServerSpec("mosec", batching=True),
     ServerSpec("fastapi"),
     ServerSpec("flask"),
+    ServerSpec("floor", workloads=("tiny",)),
 )
 
 

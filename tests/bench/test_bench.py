@@ -1,5 +1,6 @@
 """The benchmark harness' own logic: percentiles, the open-loop schedule and
-clock, answer checking, the loopback-only rule, and reading wrk and /metrics.
+clock, answer checking, the loopback-only rule, reading wrk and /metrics, the
+floor's answers and each server's CPU per request.
 
 Pure and fast: no server is started and no load is sent.
 """
@@ -15,10 +16,12 @@ from typing import Any
 import orjson
 import pytest
 
-from bench import goals, metrics, wrk
+from bench import costs, goals, metrics, wrk
 from bench.client import fetch
 from bench.loadgen import PENDING, TIMEOUT, HttpPool, Recorder, drive
 from bench.loopback import NotLoopback, require_loopback, require_loopback_url
+from bench.peers.floor_app import Floor
+from bench.plan import Plan
 from bench.schedule import poisson_schedule
 from bench.stats import Latency, fmt_ms, percentile
 from bench.workloads import FAILED, OK, WRONG, Embed, Tiny
@@ -419,3 +422,132 @@ def test_the_open_loop_goal_compares_p99_at_the_same_rate() -> None:
     doc["points"].append(_point(server="fastapi", p99_ms=1.5))
     goal = next(g for g in goals.evaluate(doc) if g.name.startswith("tiny: open loop"))
     assert goal.met is False
+
+
+# -- the floor and the CPU per request -------------------------------------------
+
+
+def _floor_for(workload: Tiny) -> Floor:
+    ref = workload.reference
+    return Floor(
+        {
+            tuple(image): (ref["probabilities"][i], ref["labels"][i])
+            for i, image in enumerate(workload.items)
+        }
+    )
+
+
+async def _call(app: Floor, scope: dict[str, Any], messages: list[dict[str, Any]]) -> list[Any]:
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+async def _post(
+    app: Floor, body: bytes, path: str = "/v2/models/digits/infer"
+) -> tuple[int, bytes]:
+    scope = {"type": "http", "method": "POST", "path": path}
+    # the body in two chunks: the floor reads all of it
+    half = len(body) // 2
+    messages = [
+        {"type": "http.request", "body": body[:half], "more_body": True},
+        {"type": "http.request", "body": body[half:], "more_body": False},
+    ]
+    start, answer = await _call(app, scope, messages)
+    headers = dict(start["headers"])
+    assert headers[b"content-length"] == str(len(answer["body"])).encode()
+    assert headers[b"content-type"] == b"application/json"
+    return start["status"], answer["body"]
+
+
+async def test_the_floor_answers_a_tiny_request_as_carpool_does() -> None:
+    workload = _tiny()
+    floor = _floor_for(workload)
+    status, answer = await _post(floor, workload.body(0, "7"))
+    assert workload.judge(0, "7", status, answer) == (OK, "")
+    assert answer == _label_answer("7", 3)  # carpool's keys, in carpool's order
+    status, answer = await _post(floor, workload.body(1, "c", full=True))
+    assert workload.judge(1, "c", status, answer, full=True) == (OK, "")
+
+
+async def test_the_floor_refuses_what_it_cannot_answer() -> None:
+    workload = _tiny()
+    floor = _floor_for(workload)
+    unknown = Tiny([[2] * 64], workload.reference).body(0, "0")
+    assert (await _post(floor, unknown))[0] == 400
+    assert (await _post(floor, b"not json"))[0] == 400
+    assert (await _post(floor, workload.body(0, "0"), path="/v2/models/minilm/infer"))[0] == 404
+
+
+async def test_the_floor_completes_its_lifespan() -> None:
+    messages = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent = await _call(_floor_for(_tiny()), {"type": "lifespan"}, messages)
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+def test_the_floor_is_planned_only_for_the_workload_it_serves() -> None:
+    plan = Plan.quick_run().only(("embed",), ("floor",))
+    assert plan.planned_seconds() == plan.offline_estimate()
+    assert Plan.quick_run().only(("tiny",), ("floor",)).planned_seconds() > plan.offline_estimate()
+
+
+def _closed(server: str, rps: float, cpu_s: float | None, requests: int, **fields: Any) -> Any:
+    return _point(
+        server=server, mode="closed", concurrency=32, load_fraction=None, offered_rps=None,
+        rps=rps, server_cpu_s=cpu_s, requests=requests,
+    ) | fields  # fmt: skip
+
+
+def _cost_doc(*points: dict[str, Any]) -> dict[str, Any]:
+    return {"points": list(points), "plan": {"workloads": ["tiny"]}, "checks": []}
+
+
+def test_cpu_per_request_is_read_at_each_servers_best_closed_loop_point() -> None:
+    doc = _cost_doc(
+        _closed("carpool", 30_000, 1.2, 60_000, concurrency=8),
+        _closed("carpool", 35_000, 2.1, 70_000),  # the best: 30 us each
+        _closed("carpool", 90_000, 9.9, 90_000, transport="ws"),  # not HTTP
+        _closed("floor", 40_000, 2.0, 80_000),  # 25 us each
+        _closed("mosec", 20_000, 2.0, 40_000),  # 50 us each
+    )
+    carpool = costs.cost(doc, "tiny", "carpool")
+    assert carpool is not None
+    assert carpool.concurrency == 32
+    assert carpool.us_per_request == pytest.approx(30.0)
+    rows = {row["server"]: row for row in costs.summary(doc)["tiny"]}
+    assert list(rows) == ["carpool", "floor", "mosec"]
+    assert rows["carpool"]["us_per_request"] == pytest.approx(30.0)
+    assert rows["carpool"]["vs_floor"] == pytest.approx(1.2)
+    assert rows["mosec"]["vs_floor"] == pytest.approx(2.0)
+    assert rows["floor"]["vs_floor"] == pytest.approx(1.0)
+
+
+def test_cpu_per_request_without_cpu_seconds_or_a_floor_is_unknown() -> None:
+    doc = _cost_doc(_closed("carpool", 35_000, None, 70_000), _closed("mosec", 1, 1.0, 0))
+    rows = {row["server"]: row for row in costs.summary(doc)["tiny"]}
+    assert rows["carpool"]["us_per_request"] is None
+    assert rows["mosec"]["us_per_request"] is None
+    assert rows["mosec"]["vs_floor"] is None
+
+
+def _floor_goal(doc: dict[str, Any]) -> goals.Goal:
+    return next(g for g in goals.evaluate(doc) if g.name == "tiny HTTP: CPU per request")
+
+
+def test_the_floor_goal_allows_carpool_at_most_1_4_floors() -> None:
+    floor = _closed("floor", 40_000, 2.0, 80_000)  # 25 us each
+    met = _floor_goal(_cost_doc(floor, _closed("carpool", 30_000, 2.1, 60_000)))  # 35 us
+    assert met.met is True
+    assert "1.40x" in met.measured
+    missed = _floor_goal(_cost_doc(floor, _closed("carpool", 30_000, 2.2, 60_000)))
+    assert missed.met is False
+    with_mosec = _cost_doc(floor, _closed("carpool", 1, 1.0, 1), _closed("mosec", 1, 2.0, 40_000))
+    assert "mosec 50.0 µs = 2.00x" in _floor_goal(with_mosec).measured
+    assert _floor_goal(_cost_doc(_closed("carpool", 30_000, 2.1, 60_000))).met is None
