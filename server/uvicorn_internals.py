@@ -60,6 +60,7 @@ class DeadlineProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._lingering = False
+        self._upgraded = False  # handed to a WebSocket protocol
         # requests still being answered when a pipelined one arrived behind them
         self._ahead: list[RequestResponseCycle] = []
 
@@ -85,6 +86,8 @@ class DeadlineProtocol(HttpToolsProtocol):
         if self._lingering:
             return
         super().data_received(data)
+        if self._upgraded:
+            return  # a WebSocket's now: no receipt deadline applies to it
         phase = self._phase
         if phase == _IDLE:
             if self.timeout_keep_alive_task is not None or self.transport.is_closing():
@@ -115,6 +118,7 @@ class DeadlineProtocol(HttpToolsProtocol):
         # closes) a handshake that websockets cannot parse, such as a POST with a body.
         self._disarm()
         self._phase = _IDLE
+        self._upgraded = True
         transport = self.transport
         super().handle_websocket_upgrade()
         self.loop.call_later(

@@ -182,6 +182,20 @@ async def test_a_binary_request_is_answered_with_a_binary_frame_of_raw_tensors(
     assert struct.unpack("<3f", frame[4 + length :]) == (3.0, -4.0, 6.0)
 
 
+async def test_a_stream_outlives_the_header_deadline_of_its_handshake(tmp_path: Path) -> None:
+    """The receipt deadlines are for HTTP requests: once the handshake is
+    done, a stream stays open as long as it is used (it was closed, without
+    a close frame, header_timeout after it opened)."""
+    with serving(tmp_path, settings={"header_timeout": 0.5}) as running:
+        async with stream_to(running) as ws:
+            await ws.send(request("early", 1.0))
+            assert ys(await answer(ws)) == [2.0]
+            await asyncio.sleep(1.5)  # three header deadlines
+            await ws.send(request("late", 3.0))
+            late = await answer(ws)
+            assert (late["id"], ys(late)) == ("late", [6.0])
+
+
 async def test_an_answer_carries_its_batch_figures(plain: Running) -> None:
     async with stream_to(plain, PLAIN) as ws:
         await ws.send(request("t", 1.0, 2.0))
