@@ -19,6 +19,7 @@ from batching.errors import (
     Overloaded,
     Refused,
 )
+from batching.pending import Pending
 from batching.policy import (
     BatcherStats,
     BatchListener,
@@ -43,6 +44,7 @@ __all__ = [
     "ModelFailed",
     "NotRun",
     "OutOfResources",
+    "Pending",
     "Overloaded",
     "Refused",
     "ResourceCheck",

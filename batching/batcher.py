@@ -29,6 +29,7 @@ from typing import Generic, TypeVar
 
 from batching.forward import Forward
 from batching.instance import Instance
+from batching.pending import Pending
 from batching.policy import (
     BatcherStats,
     BatchListener,
@@ -156,6 +157,25 @@ class Batcher(Generic[Item, Result]):
         except asyncio.CancelledError:
             queue.withdraw(pending, "cancelled")
             raise
+
+    def enqueue(
+        self, items: Sequence[Item], deadline: float | None = None
+    ) -> Pending[Item, Result]:
+        """Queue ``items`` as ``submit_many`` does, without a coroutine: for a
+        caller with many requests in flight (a stream), whose done-callbacks
+        on ``pending.future`` are cheaper than a task each. Raises at once
+        as ``submit_many`` does; ``items`` must not be empty. A caller that
+        stops waiting calls ``withdraw``."""
+        pending = self._queue.enqueue(items, deadline)
+        if pending is None:
+            raise ValueError("enqueue needs at least one item")
+        return pending
+
+    def withdraw(self, pending: Pending[Item, Result]) -> None:
+        """Stop waiting for ``pending``: its items still queued are never
+        computed, and its future is cancelled."""
+        self._queue.withdraw(pending, "cancelled")
+        pending.future.cancel()
 
     def admit(self, count: int) -> None:
         """Raise ``Closed`` or ``Overloaded`` unless ``count`` more items fit

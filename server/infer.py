@@ -21,7 +21,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from batching import Completion
+from batching import Completion, Pending
 from server.errors import PayloadTooLarge
 from server.kinds import Result
 from server.models import ModelSet, ServedModel
@@ -82,6 +82,11 @@ class Infer:
         """Queue the job's items together and wait for their results (the
         batcher's own coroutine: no extra frame per request)."""
         return job.model.batcher.submit_many(job.items, job.deadline)
+
+    def enqueue(self, job: Job) -> Pending[Any, Result]:
+        """Queue the job's items together; its answer comes on the returned
+        ``pending.future`` (for transports with many requests in flight)."""
+        return job.model.batcher.enqueue(job.items, job.deadline)
 
     def encode(self, job: Job, completion: Completion[Result]) -> tuple[bytes, int | None]:
         """The answer's body, and the length of its JSON header when binary

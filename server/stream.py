@@ -1,9 +1,10 @@
 """One WebSocket stream: many infer requests on one connection.
 
-A reader takes messages while fewer than ``max_in_flight`` are unanswered; a
-submit task per request runs the infer transaction's batch step, and its
-done-callback posts the answer; one writer sends the answers in the order
-they finish (``server/frames.py`` has their format).
+A reader takes messages while fewer than ``max_in_flight`` are unanswered;
+each request is queued in the batcher without a task of its own (a task per
+message was the stream's largest cost), and its future's done-callback posts
+the answer; one writer sends the answers in the order they finish
+(``server/frames.py`` has their format).
 
 Backpressure: at most ``max_in_flight`` messages per connection are between
 read and answered. At the cap the connection stops calling ``receive()``,
@@ -23,7 +24,7 @@ from collections import deque
 from functools import partial
 from typing import Any
 
-from batching import Cancelled, Completion
+from batching import Cancelled, Completion, Pending
 from server import frames
 from server.asgi import Message, Receive, Send
 from server.errors import BadRequest, NotFound, answer
@@ -44,7 +45,7 @@ _FLUSH_SECONDS = 1.0
 
 class Stream:
     """One connection: a reader that takes messages while fewer than the cap
-    are unanswered, a submit task per request whose done-callback posts its
+    are unanswered, a queued future per request whose done-callback posts its
     answer, and one writer that sends the answers in the order they finish.
 
     Every answer, result or error, holds its message's place under the cap
@@ -74,7 +75,8 @@ class Stream:
         self.closed = asyncio.Event()
         self._receive = receive
         self._send = send
-        self._tasks: dict[str, asyncio.Task[Completion[Result]]] = {}
+        # the requests queued in the batcher, by id
+        self._pending: dict[str, Pending[Any, Result]] = {}
         self._outbox: deque[Message] = deque()
         self._wake = asyncio.Event()  # the outbox has something
         self._room = asyncio.Event()  # in_flight is under the cap
@@ -89,7 +91,7 @@ class Stream:
     @property
     def pending(self) -> int:
         """Requests submitted to the batcher and not yet finished."""
-        return len(self._tasks)
+        return len(self._pending)
 
     # -- the connection's life ---------------------------------------------------
 
@@ -107,7 +109,8 @@ class Stream:
         finally:
             # The client left (or we are done): what is still queued is withdrawn
             # from the batcher before it is computed.
-            tasks: list[asyncio.Future[Any]] = [*self._tasks.values(), writer]
+            self._withdraw_all()
+            tasks: list[asyncio.Future[Any]] = [writer]
             if reader is not None:
                 tasks.append(reader)
             for task in tasks:
@@ -139,10 +142,8 @@ class Stream:
         if not self._idle.is_set():
             # Past the drain deadline: what is still running is answered 503.
             self._past_deadline = True
-            tasks = list(self._tasks.values())
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            self._withdraw_all()
+            await asyncio.sleep(0)  # their done-callbacks post the 503s
         self._post_close(GOING_AWAY, "the server is shutting down")
         await asyncio.wait((writer,), timeout=max(self._deadline - loop.time(), _FLUSH_SECONDS))
 
@@ -185,7 +186,7 @@ class Stream:
             request_id = request.id
             if request_id is None:
                 raise BadRequest('a stream message needs an "id": its answer carries the same id')
-            if request_id in self._tasks:
+            if request_id in self._pending:
                 raise BadRequest(f"id {request_id!r} is already in flight on this stream")
             if binary and "binary_data_output" not in request.parameters:
                 # binary in, binary out, unless the message asks otherwise
@@ -193,23 +194,30 @@ class Stream:
                     spec.name for spec in request.outputs
                 )
             job = infer.prepare(model, request, None)
+            pending = infer.enqueue(job)
         except Exception as exc:
             self._post_error(
                 exc, request_id if request_id is not None else frames.id_of(frame, binary)
             )
             return True
-        task = asyncio.create_task(infer.submit(job))
-        self._tasks[request_id] = task
-        task.add_done_callback(partial(self._answer, request_id, job, binary))
+        self._pending[request_id] = pending
+        pending.future.add_done_callback(partial(self._answer, request_id, job, binary))
         return True
+
+    def _withdraw_all(self) -> None:
+        """Stop waiting for every queued request: what has not reached a
+        batch is never computed; each one's done-callback still runs."""
+        if self.model is not None:
+            for pending in list(self._pending.values()):
+                self.model.batcher.withdraw(pending)
 
     # -- answering ---------------------------------------------------------------
 
     def _answer(
-        self, request_id: str, job: Job, binary: bool, task: asyncio.Task[Completion[Result]]
+        self, request_id: str, job: Job, binary: bool, task: asyncio.Future[Completion[Result]]
     ) -> None:
-        """The done-callback of every submit task: post its answer."""
-        self._tasks.pop(request_id, None)
+        """The done-callback of every queued request: post its answer."""
+        self._pending.pop(request_id, None)
         if task.cancelled():
             if self._past_deadline:
                 self._post_error(

@@ -219,3 +219,33 @@ async def test_every_caller_gets_exactly_one_outcome_under_a_random_mix(
         assert stats.loop_errors == 0
         # Every item that reached the batcher was computed or dropped, once.
         assert submitted == stats.items + sum(stats.dropped.values())
+
+
+# -- queuing without a coroutine ---------------------------------------------
+
+
+async def test_enqueue_answers_on_the_future_and_withdraw_keeps_items_from_a_batch() -> None:
+    gate = threading.Event()
+    batches: list[list[int]] = []
+
+    def double(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        gate.wait()
+        return [2 * x for x in items]
+
+    policy = BatchPolicy(max_batch_size=2, max_wait=60.0, max_queue=8, eager=True)
+    async with Batcher([double], policy) as batcher:
+        held = batcher.enqueue([1, 2])  # a full batch: it runs, and holds the worker
+        await eventually(lambda: batcher.stats.in_flight == 2)
+        kept, left = batcher.enqueue([3]), batcher.enqueue([4])
+        assert batcher.stats.queued == 2
+        batcher.withdraw(left)
+        assert left.future.cancelled()
+        assert batcher.stats.queued == 1
+        assert batcher.stats.dropped["cancelled"] == 1
+        gate.set()
+        assert (await answered(held.future)).results == [2, 4]
+        assert (await answered(kept.future)).results == [6]
+    assert batches == [[1, 2], [3]]  # the withdrawn item never reached the model
+    with pytest.raises(Closed):
+        batcher.enqueue([5])

@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import orjson
@@ -141,12 +142,17 @@ class _Batcher:
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
 
-    async def submit_many(self, items: Sequence[Any], deadline: float | None = None) -> Any:
+    def enqueue(self, items: Sequence[Any], deadline: float | None = None) -> Any:
         result: dict[str, Any] = {}
         for spec in self.config.outputs:
             value = 0.5 if spec.datatype.startswith("FP") else 1
             result[spec.name] = [value] * math.prod(spec.item_shape) if spec.item_shape else value
-        return Completion([dict(result) for _ in items], 0.0, 0.0, len(items))
+        future: asyncio.Future[Completion[Any]] = asyncio.get_running_loop().create_future()
+        future.set_result(Completion([dict(result) for _ in items], 0.0, 0.0, len(items)))
+        return SimpleNamespace(future=future)
+
+    def withdraw(self, pending: Any) -> None:
+        pending.future.cancel()
 
 
 class _Metrics:
@@ -176,8 +182,6 @@ async def _take(message: Message, config: ModelConfig) -> Stream:
     )
     if not stream._take(message):
         stream.closed.set()
-    pending = list(stream._tasks.values())
-    await asyncio.gather(*pending, return_exceptions=True)
     await asyncio.sleep(0)  # the done-callbacks post the answers
     return stream
 
