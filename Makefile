@@ -61,6 +61,14 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m bench --quick
 
+# Flame graphs, not part of `make test`: py-spy records carpool under tiny HTTP
+# at 128 connections and under the WebSocket stream with 128 in flight, 20 s
+# twice each (about 2 minutes), into bench/results/profiles/<date>-*.svg, .folded
+# and .txt. PROFILE_FLAGS='--root /tmp/before --label before' profiles another checkout.
+.PHONY: profile
+profile: $(BENCH_STAMP)
+	$(BIN)/python -m bench.profile $(PROFILE_FLAGS)
+
 # Fuzzing at length, not part of `make test` (which already runs R18's 2,000
 # schemathesis examples per infer operation, 3.4 minutes on an idle 2-core
 # machine, with 300 raw-socket cases and 100 s of atheris per target): 20,000
