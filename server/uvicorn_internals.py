@@ -202,9 +202,10 @@ class DeadlineProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         told = answer(error)
+        body = told.body  # built on each read
         head = [STATUS_LINE[told.status]]
         head += [b"%s: %s\r\n" % pair for pair in self.server_state.default_headers]
-        head += [_CLOSING_JSON % len(told.body), told.body]
+        head += [_CLOSING_JSON % len(body), body]
         self.transport.write(b"".join(head))
         self._linger()
 
