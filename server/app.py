@@ -43,13 +43,14 @@ class Carpool:
         self,
         starlette: Starlette,
         lane: ASGIApp,
-        models: ModelSet,
+        infer: Infer,
         metrics: Metrics,
         streams: websocket.StreamRegistry,
         lifecycle: Lifecycle,
     ) -> None:
         self.starlette = starlette
-        self.models = models
+        self.infer = infer
+        self.models = infer.models
         self.metrics = metrics
         self.streams = streams
         self.lifecycle = lifecycle
@@ -114,7 +115,7 @@ def create_app(settings: Settings | None = None) -> Carpool:
     )
     infer_route = next(r for r in routes if isinstance(r, Route) and r.path == v2.INFER_PATH)
     lane = wrap(infer_route.endpoint, middleware)
-    return Carpool(starlette, lane, models, metrics, streams, lifecycle)
+    return Carpool(starlette, lane, infer, metrics, streams, lifecycle)
 
 
 def wrap(app: ASGIApp, middleware: Sequence[Middleware]) -> ASGIApp:

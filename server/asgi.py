@@ -37,7 +37,11 @@ def header(scope: Scope, name: bytes) -> bytes | None:
 
 
 def int_header(scope: Scope, name: bytes) -> int | None:
-    value = header(scope, name)
+    return int_value(name, header(scope, name))
+
+
+def int_value(name: bytes, value: bytes | None) -> int | None:
+    """The value of header ``name`` as an integer (``BadRequest`` if it is not one)."""
     if value is None:
         return None
     try:

@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from starlette.middleware import Middleware
@@ -135,6 +136,23 @@ def middleware(settings: Settings) -> list[Middleware]:
     if not inference and not metrics:
         return []
     return [Middleware(BearerAuth, inference=inference, metrics=metrics)]
+
+
+def inference_gate(settings: Settings) -> Callable[[list[tuple[bytes, bytes]]], bool] | None:
+    """For the direct lane (``server/direct.py``): None when inference is
+    open, else a check of whether request headers carry a valid inference
+    token. A request it says no to takes the ASGI way, where ``BearerAuth``
+    answers 401 or 403."""
+    inference, _ = load_tokens(settings)
+    if not inference:
+        return None
+    digests = tuple(map(_digest, inference))
+
+    def admits(headers: list[tuple[bytes, bytes]]) -> bool:
+        token = _bearer(headers)
+        return token is not None and _matches(_digest_bytes(token), digests)
+
+    return admits
 
 
 def is_loopback(host: str) -> bool:

@@ -15,8 +15,9 @@ import uvicorn
 from client import cli as client_cli
 from server.app import Carpool, create_app
 from server.auth import warn_if_exposed
+from server.direct import DirectLane
 from server.settings import Settings
-from server.uvicorn_internals import HEAD_SLACK, DeadlineProtocol, Server
+from server.uvicorn_internals import HEAD_SLACK, DeadlineProtocol, Server, StreamProtocol
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -82,8 +83,9 @@ def uvicorn_config(app: Carpool, settings: Settings, **overrides: Any) -> uvicor
         "host": settings.host,
         "port": settings.port,
         "loop": "uvloop",
-        "http": http_protocol(settings),  # httptools, with header/body deadlines
-        "ws": "websockets-sansio",
+        # httptools, with header/body deadlines and the direct infer lane
+        "http": http_protocol(settings, DirectLane.for_app(app, settings)),
+        "ws": StreamProtocol,  # websockets-sansio, with read-ahead and batched writes
         "ws_max_size": settings.ws_max_message_bytes,  # over it: close 1009
         # a client that stops answering pings (half-open) is closed after
         # interval + timeout
@@ -107,8 +109,9 @@ def uvicorn_config(app: Carpool, settings: Settings, **overrides: Any) -> uvicor
     return uvicorn.Config(app, **options)
 
 
-def http_protocol(settings: Settings) -> type[DeadlineProtocol]:
-    """The protocol class for uvicorn's ``http=``, with ``settings``' limits."""
+def http_protocol(settings: Settings, lane: DirectLane | None = None) -> type[DeadlineProtocol]:
+    """The protocol class for uvicorn's ``http=``, with ``settings``' limits
+    and, for a carpool app, the direct infer lane (``server/direct.py``)."""
     return type(
         "CarpoolHttpProtocol",
         (DeadlineProtocol,),
@@ -116,5 +119,6 @@ def http_protocol(settings: Settings) -> type[DeadlineProtocol]:
             "header_timeout": settings.header_timeout,
             "body_timeout": settings.body_timeout,
             "max_head_bytes": 2 * settings.max_header_bytes + HEAD_SLACK,
+            "lane": lane,
         },
     )

@@ -49,9 +49,26 @@ def id_of(frame: bytes, binary: bool) -> str | None:
     return value if type(value) is str else None
 
 
+Frame = tuple[bool, bytes]
+"""An answer as it goes out: (a text frame?, its bytes)."""
+
+SEND_MANY = "carpool.websocket.send_many"
+"""The ASGI extension (and message type) of carpool's stream protocol
+(``server/uvicorn_internals.py``): ``{"type": SEND_MANY, "frames": [Frame, ...]}``
+sends many frames in one write."""
+
+
+def message(frame: Frame) -> Message:
+    """A frame as the standard ASGI ``websocket.send`` message."""
+    is_text, data = frame
+    if is_text:
+        return {"type": "websocket.send", "text": data.decode()}
+    return {"type": "websocket.send", "bytes": data}
+
+
 def result(
     payload: bytes, header_length: int | None, completion: Completion[Result], binary: bool
-) -> Message:
+) -> Frame:
     """The message answering a request with ``payload`` (as the infer
     transaction encoded it), its timings added to the JSON."""
     # orjson's object ends with its "}": the timings go in before it
@@ -63,13 +80,12 @@ def result(
     if binary:
         end = len(payload) if header_length is None else header_length
         header = payload[: end - 1] + timings
-        frame = b"".join((HEADER.pack(len(header)), header, payload[end:]))
-        return {"type": "websocket.send", "bytes": frame}
-    return {"type": "websocket.send", "text": (payload[:-1] + timings).decode()}
+        return False, b"".join((HEADER.pack(len(header)), header, payload[end:]))
+    return True, payload[:-1] + timings
 
 
-def text(data: bytes) -> Message:
-    return {"type": "websocket.send", "text": data.decode()}
+def text(data: bytes) -> Frame:
+    return True, data
 
 
 def close(code: int, reason: str) -> Message:

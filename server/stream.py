@@ -62,6 +62,7 @@ class Stream:
         receive: Receive,
         send: Send,
         settings: Settings,
+        send_many: bool = False,
     ) -> None:
         self.name = name
         self.model = model
@@ -75,9 +76,10 @@ class Stream:
         self.closed = asyncio.Event()
         self._receive = receive
         self._send = send
+        self._send_many = send_many  # the protocol writes many frames at once (frames.SEND_MANY)
         # the requests queued in the batcher, by id
         self._pending: dict[str, Pending[Any, Result]] = {}
-        self._outbox: deque[Message] = deque()
+        self._outbox: deque[frames.Frame | Message] = deque()  # a Message: the close
         self._wake = asyncio.Event()  # the outbox has something
         self._room = asyncio.Event()  # in_flight is under the cap
         self._idle = asyncio.Event()  # in_flight is 0
@@ -245,7 +247,7 @@ class Stream:
             self.metrics.count(self.name, told.reason)
         self._post(frames.text(told.frame(request_id)))
 
-    def _post(self, message: Message) -> None:
+    def _post(self, message: frames.Frame | Message) -> None:
         self._outbox.append(message)
         self._wake.set()
 
@@ -255,6 +257,9 @@ class Stream:
             self._post(frames.close(code, reason))
 
     async def _write(self) -> None:
+        """Send what the outbox holds: with ``send_many``, every answer that
+        is waiting goes in one write (the answers of one batch arrive in one
+        turn of the loop); else one ASGI message each."""
         outbox = self._outbox
         send = self._send
         cap = self.max_in_flight
@@ -263,7 +268,19 @@ class Stream:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            message = outbox.popleft()
+            first = outbox.popleft()
+            sent = 1
+            if isinstance(first, tuple):
+                if self._send_many:
+                    batch = [first]
+                    while outbox and isinstance(outbox[0], tuple):
+                        batch.append(outbox.popleft())  # type: ignore[arg-type]
+                    message: Message = {"type": frames.SEND_MANY, "frames": batch}
+                    sent = len(batch)
+                else:
+                    message = frames.message(first)
+            else:
+                message = first  # the close
             try:
                 await send(message)
             except RuntimeError as exc:
@@ -272,7 +289,7 @@ class Stream:
                 raise ConnectionError(f"the connection is closed: {exc}") from exc
             if message["type"] == "websocket.close":
                 return
-            self.in_flight -= 1
+            self.in_flight -= sent
             if self.in_flight < cap:
                 self._room.set()
             if self.in_flight == 0:

@@ -25,7 +25,12 @@ from uvicorn.protocols.http.httptools_impl import (
     HttpToolsProtocol,
     RequestResponseCycle,
 )
+from uvicorn.protocols.utils import ClientDisconnected
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import InvalidState
 
+from server import frames
+from server.direct import DirectLane, DirectRequest
 from server.errors import HeadersTooLarge, RequestTimeout, answer
 from server.lifecycle import Lifecycle
 from server.settings import Settings
@@ -41,7 +46,13 @@ _BODY = 3  # body arriving
 HEAD_SLACK = 8 * 1024
 _DEFAULTS = Settings()
 _LINGER_SECONDS = 2.0
-_ONE_WRITE = 64 * 1024  # a body up to this size is joined to its head for one write
+_PIPELINE_DEPTH = 8  # whole pipelined requests read ahead; past it, reading pauses
+_ONE_WRITE = 64 * 1024
+_READ_AHEAD = 16  # WebSocket messages read ahead of the app, at most
+_READ_AHEAD_BYTES = (
+    1024 * 1024
+)  # and their bytes (text counted in characters)  # a body up to this size is joined to its head for one write
+_defaults: list[Any] = [None, b""]  # uvicorn's default headers (a new list each second), joined
 _CLOSING_JSON = b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
 
 
@@ -51,6 +62,7 @@ class DeadlineProtocol(HttpToolsProtocol):
     header_timeout: float = _DEFAULTS.header_timeout
     body_timeout: float = _DEFAULTS.body_timeout
     max_head_bytes: int = 2 * _DEFAULTS.max_header_bytes + HEAD_SLACK
+    lane: DirectLane | None = None  # carpool's infer route, answered here (server/direct.py)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -76,10 +88,18 @@ class DeadlineProtocol(HttpToolsProtocol):
         # left; one ahead of a pipelined request would write its answer into the
         # closed transport and log an error (found by killing clients, R7)
         for cycle in self._ahead:
-            if not cycle.response_complete:
+            if isinstance(cycle, DirectRequest):
+                cycle.lose()
+            elif not cycle.response_complete:
                 cycle.disconnected = True
                 cycle.message_event.set()
         self._ahead.clear()
+        # a direct request withdraws its queued items: nobody is left to answer
+        for waiting, _ in self.pipeline:
+            if isinstance(waiting, DirectRequest):
+                waiting.lose()
+        if isinstance(self.cycle, DirectRequest):
+            self.cycle.lose()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -133,6 +153,16 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         ahead = self.cycle
+        lane = self.lane
+        if lane is not None:
+            parser = self.parser
+            limit = self.limit_concurrency
+            if not parser.should_upgrade() and (limit is None or len(self.connections) < limit):
+                keep_alive = parser.get_http_version() != "1.0" and parser.should_keep_alive()
+                direct = lane.take(self, parser.get_method(), self.url, self.headers, keep_alive)
+                if direct is not None:
+                    self._start_direct(direct, ahead)
+                    return
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is ahead or cycle is None:
@@ -144,9 +174,66 @@ class DeadlineProtocol(HttpToolsProtocol):
         self._phase = _BODY
         self._started = self.loop.time()
 
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if isinstance(cycle, DirectRequest):
+            if not cycle.response_complete:
+                cycle.add_body(body)
+            return
+        super().on_body(body)
+
     def on_message_complete(self) -> None:
         self._phase = _IDLE
+        cycle = self.cycle
+        if isinstance(cycle, DirectRequest):
+            cycle.body_complete()
+            if not cycle.started and len(self.pipeline) < _PIPELINE_DEPTH:
+                # Whole, and waiting its turn behind a request in flight: read on
+                # (it paused), or a client that leaves is never seen and the
+                # request ahead is computed for nobody.
+                self.flow.resume_reading()
+            return
         super().on_message_complete()
+
+    # -- the direct lane ---------------------------------------------------------
+
+    def _start_direct(self, direct: DirectRequest, ahead: RequestResponseCycle | None) -> None:
+        self.cycle = direct  # type: ignore[assignment]
+        self._phase = _BODY
+        self._started = self.loop.time()
+        if ahead is not None and not ahead.response_complete:
+            # pipelined behind a request still being answered: it waits its turn
+            self._ahead = [c for c in self._ahead if not c.response_complete]
+            self._ahead.append(ahead)
+            self.flow.pause_reading()
+            self.pipeline.appendleft((direct, self.app))  # type: ignore[arg-type]
+        else:
+            direct.begin()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        if isinstance(cycle, DirectRequest):
+            cycle.begin()  # its turn, after the pipelined requests ahead of it
+        else:
+            super()._start_asgi_task(cycle, app)
+
+    def finish_direct(self, request: DirectRequest, status: int, head: bytes, body: bytes) -> None:
+        """Answer a direct request in one write, then start the next pipelined one."""
+        transport = self.transport
+        if transport.is_closing():
+            return
+        defaults = self.server_state.default_headers
+        if defaults is not _defaults[0]:
+            _defaults[:] = [defaults, b"".join([b"%s: %s\r\n" % pair for pair in defaults])]
+        ending = b"\r\n" if request.keep_alive else b"connection: close\r\n\r\n"
+        head = b"".join((STATUS_LINE[status], _defaults[1], head, ending))
+        if len(body) <= _ONE_WRITE:
+            transport.write(head + body)
+        else:
+            transport.write(head)
+            transport.write(body)
+        if not request.keep_alive:
+            transport.close()
+        self.on_response_complete()
 
     def _limit(self, phase: int) -> float:
         return self.body_timeout if phase == _BODY else self.header_timeout
@@ -270,6 +357,85 @@ class _ResponseTransport(asyncio.Transport):
             self._protocol._linger()
         else:
             self._transport.close()
+
+
+class StreamProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websockets-sansio protocol, with the reading and writing a
+    stream of many small messages needs.
+
+    uvicorn pauses reading after every message and resumes once the app has
+    taken them all: two system calls a message. Here reading goes on while
+    fewer than ``_READ_AHEAD`` messages (and ``_READ_AHEAD_BYTES``) wait for
+    the app, so one read brings in as many messages as the socket holds;
+    past that, reading pauses until the app has taken half. And
+    ``frames.SEND_MANY`` (offered in the scope's extensions) sends many
+    answers as one write."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._waiting_bytes = 0
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None:  # accepted by websockets: the app's task starts on the next turn
+            scope["extensions"][frames.SEND_MANY] = {}
+
+    def send_receive_event_to_app(self) -> None:
+        data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+        self.frames = []
+        if self.close_sent:
+            return
+        if self.curr_msg_data_type == "text":
+            try:
+                self.queue.put_nowait({"type": "websocket.receive", "text": data.decode()})
+            except UnicodeDecodeError:
+                self.logger.exception("Invalid UTF-8 sequence received from client.")
+                self.conn.send_close(1007)
+                self.handle_parser_exception()
+                return
+        else:
+            self.queue.put_nowait({"type": "websocket.receive", "bytes": data})
+        self._waiting_bytes += len(data)
+        if not self.read_paused and (
+            self.queue.qsize() >= _READ_AHEAD or self._waiting_bytes > _READ_AHEAD_BYTES
+        ):
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    async def receive(self) -> Any:
+        message: dict[str, Any] = await self.queue.get()  # type: ignore[assignment]
+        data = message.get("text") or message.get("bytes")
+        if data:
+            self._waiting_bytes -= len(data)
+        if (
+            self.read_paused
+            and self.queue.qsize() <= _READ_AHEAD // 2
+            and self._waiting_bytes <= _READ_AHEAD_BYTES // 2
+        ):
+            self.read_paused = False
+            self.transport.resume_reading()
+        return message
+
+    async def send(self, message: Any) -> None:
+        if message["type"] != frames.SEND_MANY:
+            await super().send(message)
+            return
+        await self.writable.wait()
+        if self.disconnected:
+            raise ClientDisconnected()
+        if self.close_sent or not self.handshake_complete or self.initial_response is not None:
+            raise RuntimeError("frames sent to a stream that is not open")
+        conn = self.conn
+        try:
+            for is_text, data in message["frames"]:
+                if is_text:
+                    conn.send_text(data)
+                else:
+                    conn.send_binary(data)
+        except InvalidState:
+            raise ClientDisconnected() from None
+        self.transport.write(b"".join(conn.data_to_send()))
 
 
 class Server(uvicorn.Server):

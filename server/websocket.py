@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from starlette.routing import BaseRoute, WebSocketRoute
 
 from batching import Closed
+from server import frames
 from server.asgi import Receive, Scope, Send, refuse
 from server.errors import NotFound
 from server.infer import Infer
@@ -104,8 +105,9 @@ class StreamEndpoint:
         except NotFound as exc:
             # Told per message, like the HTTP route: a client sees a 404 for each request.
             missing = str(exc)
+        send_many = frames.SEND_MANY in scope.get("extensions", {})
         stream = Stream(
-            name, model, missing, self.infer, self.metrics, receive, send, self.settings
+            name, model, missing, self.infer, self.metrics, receive, send, self.settings, send_many
         )
         self.registry.add(stream)  # before the first await: a drain from now on sees it
         try:

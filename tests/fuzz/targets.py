@@ -43,6 +43,7 @@ import orjson
 import torch
 
 from batching import Completion
+from server import frames
 from server.asgi import Message
 from server.errors import BadRequest
 from server.infer import Infer
@@ -197,6 +198,8 @@ def ws_message(data: bytes) -> None:
         message = {"type": "websocket.receive", "text": frame.decode("utf-8", "replace")}
     stream = _LOOP.run_until_complete(_take(message, config))
     for posted in stream._outbox:
+        if isinstance(posted, tuple):
+            posted = frames.message(posted)
         if posted["type"] == "websocket.close":
             if posted["code"] != 1009:
                 raise AssertionError(f"unexpected close: {posted}")

@@ -17,6 +17,7 @@ import orjson
 import pytest
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.asyncio.client import connect
 
 from server import cli
@@ -276,7 +277,8 @@ def test_serve_pins_the_httptools_protocol_with_deadlines_and_websockets_sansio(
     assert issubclass(config.http, HttpToolsProtocol)
     assert config.http.header_timeout == 3.0
     # wsproto ignores ws_max_size and the pings: the limits would be silently off (R21)
-    assert config.ws == "websockets-sansio"
+    assert isinstance(config.ws, type)
+    assert issubclass(config.ws, WebSocketsSansIOProtocol)
     assert config.ws_max_size == Settings().ws_max_message_bytes
     assert (config.ws_ping_interval, config.ws_ping_timeout) == (20.0, 20.0)
     # uvicorn waits forever for stragglers when this is None (R8)
