@@ -19,6 +19,10 @@ from bench.stats import fmt_ms
 PEERS = ("mosec", "fastapi", "flask")
 OPEN_LOOP_FRACTION = 0.8
 FLOOR_RATIO = 1.4  # carpool's CPU per tiny request, at most this many floors
+LONE_P50_MS = 0.5
+WS_OVER_MOSEC = 1.25  # carpool's best WebSocket msg/s over mosec's best HTTP req/s
+CROWD, CROWD_BASE, CROWD_RATIO = 1000, 128, 0.8  # closed loop at 1000 connections vs 128
+OPEN_P99_MS = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,10 +115,10 @@ def evaluate(doc: Doc) -> list[Goal]:
     goals.append(
         Goal(
             "tiny: latency of a lone request",
-            "carpool's p50 at concurrency 1 < 1 ms",
+            f"carpool's p50 at concurrency 1 < {LONE_P50_MS:g} ms",
             f"carpool {_ms(p50)}"
             + (f", mosec {_ms(number(lone_mosec['p50_ms']))}" if lone_mosec else ""),
-            None if math.isnan(p50) else p50 < 1.0,
+            None if math.isnan(p50) else p50 < LONE_P50_MS,
         )
     )
     embed, limit = best_rps(doc, "embed", "carpool"), offline_rate(doc, "embed", 1)
@@ -148,7 +152,20 @@ def evaluate(doc: Doc) -> list[Goal]:
             None if math.isnan(ws_ratio) else ws_ratio >= 3.0,
         )
     )
+    over_mosec = ws / mosec if mosec else math.nan
+    goals.append(
+        Goal(
+            "WebSocket: against mosec",
+            f"carpool's best WS msg/s >= {WS_OVER_MOSEC:g}x mosec's best HTTP req/s",
+            f"carpool WS {_rate(ws)} msg/s = {over_mosec:.2f}x mosec's {_rate(mosec)} req/s"
+            if not math.isnan(over_mosec)
+            else "not measured",
+            None if math.isnan(over_mosec) else over_mosec >= WS_OVER_MOSEC,
+        )
+    )
     goals.append(_floor_goal(doc))
+    goals.append(_crowd_goal(doc))
+    goals.append(_open_loop_crowd_goal(doc))
     for workload in doc["plan"]["workloads"]:
         goals.append(_open_loop_goal(doc, workload, PEERS))
     return goals
@@ -169,6 +186,49 @@ def _floor_goal(doc: Doc) -> Goal:
     if mosec is not None and not math.isnan(mosec.times(floor)):
         measured += f" (mosec {mosec.us_per_request:.1f} µs = {mosec.times(floor):.2f}x)"
     return Goal(name, target, measured, round(ratio, 2) <= FLOOR_RATIO)  # judged as shown
+
+
+def _crowd_goal(doc: Doc) -> Goal:
+    name = f"tiny: flat in connections (closed loop at {CROWD})"
+    target = f"carpool at {CROWD} connections >= {CROWD_RATIO:g}x carpool at {CROWD_BASE}"
+    crowd, base = (
+        closed_at(doc, "tiny", "carpool", CROWD),
+        closed_at(doc, "tiny", "carpool", CROWD_BASE),
+    )
+    if crowd is None or base is None or not number(base["rps"]):
+        return Goal(name, target, "not measured", None)
+    ratio = number(crowd["rps"]) / number(base["rps"])
+    measured = (
+        f"{_rate(number(crowd['rps']))} req/s at {CROWD} = {ratio:.2f}x "
+        f"{_rate(number(base['rps']))} at {CROWD_BASE}"
+    )
+    mosec_crowd, mosec_base = (
+        closed_at(doc, "tiny", "mosec", CROWD),
+        closed_at(doc, "tiny", "mosec", CROWD_BASE),
+    )
+    if mosec_crowd and mosec_base and number(mosec_base["rps"]):
+        measured += f" (mosec {number(mosec_crowd['rps']) / number(mosec_base['rps']):.2f}x)"
+    return Goal(name, target, measured, round(ratio, 2) >= CROWD_RATIO)
+
+
+def _open_loop_crowd_goal(doc: Doc) -> Goal:
+    name = "tiny: a crowd in open loop at 80% of capacity"
+    target = (
+        f"every request answered right (goodput = offered), p99 <= {OPEN_P99_MS:g} ms, "
+        "no rejections"
+    )
+    point = open_at(doc, "tiny", "carpool", OPEN_LOOP_FRACTION)
+    if point is None:
+        return Goal(name, target, "not measured", None)
+    p99 = number(point["p99_ms"])
+    missed = point.get("requests", 0) - point.get("ok", 0)
+    measured = (
+        f"at {_rate(number(point['offered_rps']))}/s: {point.get('ok', 0):,} of {point.get('requests', 0):,} "
+        f"right, answered {_rate(number(point['rps']))}/s, p99 {_ms(p99)}, "
+        f"{point.get('connections') or '-'} connections, send lag p99 "
+        f"{_ms(number(point.get('send_lag_p99_ms')))}"
+    )
+    return Goal(name, target, measured, missed == 0 and p99 <= OPEN_P99_MS)
 
 
 def _open_loop_goal(doc: Doc, workload: str, peers: Sequence[str]) -> Goal:

@@ -7,7 +7,9 @@ omission"). Here every request has an intended send time from the schedule
 and its latency counts from that time: a request that waits for a free
 connection, or behind a server that fell behind, carries all of that wait.
 
-The generator also reports its own send lag, the time between a request's
+Requests leave on a ``timerfd`` alarm (``Alarm``): sub-millisecond, and
+asleep in between, so one core holds tens of thousands of requests a
+second. The generator also reports its own send lag, the time between a request's
 intended time and the moment the generator got to it: a large lag means the
 generator, not the server, could not keep up, and the point is suspect.
 """
@@ -16,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bench.client import Connection, open_connection, request_bytes
 from bench.loopback import require_loopback
@@ -76,6 +80,58 @@ class Recorder:
 Dispatch = Callable[[int], None]
 
 
+class Alarm:
+    """A one-shot timer with nanosecond resolution on the event loop: a Linux
+    ``timerfd`` (through libc; ``os.timerfd_create`` is Python 3.13's) that
+    the loop watches like a socket. The loop's own timers round to whole
+    milliseconds, so at 40,000 requests a second they could only send in
+    bursts of 40 or spin; this one wakes the loop when the next request is
+    due and not before, and the generator sleeps in between."""
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        fd = self._libc.timerfd_create(_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "timerfd_create failed")
+        self.fd: int = fd
+        self._callback = callback
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(fd, self._fired)
+
+    def at(self, when: float) -> None:
+        """Fire once at ``when`` (``time.perf_counter()``: CLOCK_MONOTONIC on
+        Linux); a time already past fires at once."""
+        seconds = max(when, 1e-9)  # an all-zero value would disarm the timer
+        whole = int(seconds)
+        spec = _ITimerSpec(_TimeSpec(0, 0), _TimeSpec(whole, int((seconds - whole) * 1e9)))
+        if self._libc.timerfd_settime(self.fd, _TFD_TIMER_ABSTIME, ctypes.byref(spec), None):
+            raise OSError(ctypes.get_errno(), "timerfd_settime failed")
+
+    def _fired(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.fd, 8)  # the expiration count; reading re-arms the fd's readiness
+        self._callback()
+
+    def close(self) -> None:
+        self._loop.remove_reader(self.fd)
+        os.close(self.fd)
+
+
+class _TimeSpec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _ITimerSpec(ctypes.Structure):
+    _fields_ = [("it_interval", _TimeSpec), ("it_value", _TimeSpec)]
+
+
+_CLOCK_MONOTONIC = 1
+_TFD_NONBLOCK = os.O_NONBLOCK
+_TFD_CLOEXEC = os.O_CLOEXEC
+_TFD_TIMER_ABSTIME = 1
+_BURST = 64  # overdue requests sent per wake-up before answers get a turn
+
+
 async def drive(
     schedule: Sequence[float],
     dispatch: Dispatch,
@@ -84,24 +140,45 @@ async def drive(
 ) -> float:
     """Hand request ``i`` to ``dispatch`` at ``start + schedule[i]``; return ``start``.
 
-    The loop sleeps on the event loop's (millisecond, sometimes late) timer
-    until 3 ms before a request is due, then yields to the loop until it is,
-    so requests leave on time to a few microseconds when the generator keeps
-    up. That spinning makes the generator's CPU use no sign of saturation:
-    its send lag is.
+    An ``Alarm`` wakes the loop when the next request is due; every request
+    due by then leaves (at most ``_BURST`` before the loop reads answers
+    again), and the alarm is set for the next. No spinning: between requests
+    the generator sleeps, so its CPU use is its real cost, and a generator
+    that cannot keep up shows as send lag, never as a lower offered rate.
     """
     start = clock() + _START_DELAY
-    for index, offset in enumerate(schedule):
-        due = start + offset
-        ahead = due - clock()
-        while ahead > 0:
-            await asyncio.sleep(ahead - 0.003 if ahead > 0.004 else 0)
-            ahead = due - clock()
-        recorder.intended[index] = due
-        recorder.sent[index] = clock()
-        dispatch(index)
-        if ahead < 0:
-            await asyncio.sleep(0)  # behind schedule: still let answers in
+    finished = asyncio.get_running_loop().create_future()
+    count = len(schedule)
+    cursor = 0
+
+    def wake() -> None:
+        nonlocal cursor
+        now = clock()
+        sent = 0
+        while cursor < count and sent < _BURST:
+            due = start + schedule[cursor]
+            if due > now:
+                break
+            recorder.intended[cursor] = due
+            recorder.sent[cursor] = clock()
+            dispatch(cursor)
+            cursor += 1
+            sent += 1
+        if cursor == count:
+            if not finished.done():
+                finished.set_result(None)
+        elif sent == _BURST:
+            alarm.at(now)  # behind: go on after the loop has read what came in
+        else:
+            alarm.at(start + schedule[cursor])
+
+    alarm = Alarm(wake)
+    try:
+        if count:
+            alarm.at(start + schedule[0])
+            await finished
+    finally:
+        alarm.close()
     return start
 
 
@@ -135,6 +212,8 @@ class HttpPool:
         self._backlog: deque[int] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self.live = 0  # connections open now
+        self.peak = 0  # the most open at once: how big the crowd grew
 
     def dispatch(self, index: int) -> None:
         if self._idle:
@@ -190,6 +269,8 @@ class HttpPool:
             return
         finally:
             self._opening -= 1
+        self.live += 1
+        self.peak = max(self.peak, self.live)
         self._send(conn, index)
 
     def _on_answer(self, conn: Connection, status: int, body: bytes, at: float) -> None:
@@ -215,6 +296,7 @@ class HttpPool:
         self._idle.append(conn)
 
     def _on_lost(self, conn: Connection, why: str) -> None:
+        self.live -= 1
         if conn in self._busy:
             self._busy.discard(conn)
             self.recorder.finish(conn.tag, FAILED, time.perf_counter(), f"connection lost: {why}")
@@ -268,6 +350,7 @@ class OpenLoopResult:
     latency: Latency
     send_lag: Latency
     reasons: tuple[str, ...]
+    connections: int = 0  # the most the generator had open at once
 
 
 async def open_loop(
@@ -276,7 +359,7 @@ async def open_loop(
     workload: Workload,
     schedule: Sequence[float],
     rate: float,
-    max_connections: int = 256,
+    max_connections: int = 1024,
     timeout: float | None = None,
 ) -> OpenLoopResult:
     """Send one request per ``schedule`` entry to ``host:port`` and judge every answer.
@@ -289,7 +372,7 @@ async def open_loop(
     recorder = Recorder(len(schedule))
     pool = HttpPool(host, port, workload, recorder, max_connections, timeout)
     start = await run_pool(pool, schedule)
-    return summarize(recorder, rate, len(schedule), start)
+    return replace(summarize(recorder, rate, len(schedule), start), connections=pool.peak)
 
 
 def summarize(recorder: Recorder, rate: float, requests: int, start: float) -> OpenLoopResult:

@@ -82,12 +82,13 @@ def markdown(doc: Doc, pictures: list[str]) -> str:
         "- WebSocket: `/v2/models/{name}/stream` with N requests in flight, over ceil(N/64) "
         "connections (carpool reads at most 64 messages ahead per connection).",
         "- Open loop: our generator sends on a seeded Poisson schedule (the same for every "
-        "server) at fractions of carpool's best closed-loop rate, over up to "
-        f"{doc['plan']['max_connections']} keep-alive connections; latency counts from each "
-        "request's intended send time, so queueing cannot hide. Its send lag shows whether "
-        "the generator kept up (it spins to send on time, so its CPU use is no sign of "
-        "that). A request unanswered within the workload's timeout counts as infinitely "
-        "slow (`timeout` in the tables).",
+        "server) at fractions of carpool's best closed-loop rate. Like a crowd of "
+        "independent clients, it opens a new keep-alive connection whenever every open one "
+        f"is busy, up to {doc['plan'].get('max_connections', 256)} (`connections`: the most "
+        "it had open); latency counts from each request's intended send time, so queueing "
+        "cannot hide. Requests leave on a timerfd alarm (sub-millisecond, asleep in "
+        "between); its send lag shows whether the generator kept up. A request unanswered "
+        "within the workload's timeout counts as infinitely slow (`timeout` in the tables).",
         "- Overloaded: offered more than 95% of that server's own best closed-loop rate. "
         "The run fails on any wrong answer; on a failed one (error status, broken connection) "
         "unless the server was overloaded; on a closed-loop timeout. An open-loop timeout is "
@@ -163,13 +164,15 @@ def _open_section(doc: Doc, workload: str) -> list[str]:
         [
             _label(p), f"{p['load_fraction']:.0%}", _rate(p["offered_rps"]), _rate(p["rps"]),
             fmt_ms(number(p["p50_ms"])), fmt_ms(number(p["p90_ms"])), fmt_ms(number(p["p99_ms"])),
-            fmt_ms(number(p["send_lag_p99_ms"])), f"{number(p['server_cpu']):.2f}",
+            fmt_ms(number(p["send_lag_p99_ms"])), str(p.get("connections") or "-"),
+            f"{number(p['server_cpu']):.2f}",
             "yes" if p["overloaded"] else "", _errors(p),
         ]
         for p in sorted(points, key=lambda p: (p["load_fraction"], p["server"]))
     ]  # fmt: skip
     header = ["server", "load", "offered/s", "answered/s", "p50 ms", "p90 ms", "p99 ms",
-              "send lag p99 ms", "server CPU", "overloaded", "errors"]  # fmt: skip
+              "send lag p99 ms", "connections", "server CPU", "overloaded",
+              "errors"]  # fmt: skip
     return out + _table(header, rows)
 
 

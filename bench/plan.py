@@ -15,7 +15,8 @@ class Plan:
     quick: bool = False
     workloads: tuple[str, ...] = NAMES
     servers: tuple[str, ...] = tuple(spec.name for spec in SERVERS)
-    concurrencies: tuple[int, ...] = (1, 8, 32, 128, 256)
+    # 1000: as many connections as a crowd of independent clients opens
+    concurrencies: tuple[int, ...] = (1, 8, 32, 128, 256, 1000)
     load_fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 0.8, 1.0, 1.2)
     closed_seconds: float = 5.0
     open_seconds: float = 5.0
@@ -23,9 +24,9 @@ class Plan:
     offline_seconds: float = 2.0
     timeout_scale: float = 1.0  # of each workload's request timeout
     sample_scale: float = 1.0  # of the sample each server answers alone, checked in full
-    # the open-loop generator's connection pool: no more connections than the
-    # largest closed-loop point, so a server never meets more in open loop
-    max_connections: int = 256
+    # the open-loop generator opens a connection whenever every open one is
+    # busy, as a crowd of independent clients would, up to this many
+    max_connections: int = 1024
 
     @classmethod
     def full(cls) -> Plan:
@@ -35,7 +36,7 @@ class Plan:
     def quick_run(cls) -> Plan:
         return cls(
             quick=True,
-            concurrencies=(1, 32, 128),
+            concurrencies=(1, 32, 128, 1000),
             load_fractions=(0.5, 0.8),
             closed_seconds=2.0,
             open_seconds=2.0,

@@ -36,6 +36,7 @@ class Point:
     mean_ms: float = math.nan
     send_lag_p50_ms: float | None = None
     send_lag_p99_ms: float | None = None
+    connections: int | None = None  # open loop: the most the generator had open at once
     server_cpu: float = math.nan  # cores busy during the point (1.0 = the whole server core)
     server_cpu_s: float = math.nan  # CPU seconds of the server's process tree over the point
     client_cpu: float = math.nan

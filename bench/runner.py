@@ -10,6 +10,7 @@ rates for every server, so their latencies compare at equal load.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
 import tempfile
 import time
@@ -260,6 +261,7 @@ class Runner:
         point.timeouts = result.timeouts
         point.set_latency(result.latency)
         point.send_lag_p50_ms, point.send_lag_p99_ms = result.send_lag.p50, result.send_lag.p99
+        point.connections = result.connections
         point.reasons.extend(result.reasons)
         self._warn(point)
         self.progress.advance(
@@ -279,12 +281,20 @@ class Runner:
 def run(plan: Plan) -> Outcome:
     """Run ``plan`` to the end (bounded: every point and startup has a time limit)."""
     progress = Progress(plan.planned_seconds())
+    _raise_open_files_limit()  # 1,000 connections, in the generators and (inherited) the servers
     with tempfile.TemporaryDirectory(prefix="carpool-bench-") as workdir:
         try:
             with asyncio.Runner(loop_factory=_loop_factory()) as loop:
                 return loop.run(Runner(plan, progress, Path(workdir)).run())
         finally:
             progress.close()
+
+
+def _raise_open_files_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

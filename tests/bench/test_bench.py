@@ -424,6 +424,57 @@ def test_the_open_loop_goal_compares_p99_at_the_same_rate() -> None:
     assert goal.met is False
 
 
+def _goal(doc: dict[str, Any], prefix: str) -> goals.Goal:
+    return next(g for g in goals.evaluate(doc) if g.name.startswith(prefix))
+
+
+def _closed_point(
+    server: str, concurrency: int, rps: float, transport: str = "http"
+) -> dict[str, Any]:
+    return _point(server=server, mode="closed", transport=transport, concurrency=concurrency,
+                  load_fraction=None, rps=rps, requests=1000, ok=1000)  # fmt: skip
+
+
+def test_a_crowd_in_open_loop_must_get_every_answer_within_the_p99_bound() -> None:
+    doc: dict[str, Any] = {"plan": {"workloads": ["tiny"]}, "checks": []}
+    doc["points"] = [_point(requests=500, ok=500, p99_ms=9.0, connections=40)]
+    goal = _goal(doc, "tiny: a crowd")
+    assert goal.met is True
+    assert "40 connections" in goal.measured
+    doc["points"] = [_point(requests=500, ok=499, p99_ms=9.0, connections=40)]
+    assert _goal(doc, "tiny: a crowd").met is False  # one lost, timed out or refused
+    doc["points"] = [_point(requests=500, ok=500, p99_ms=15.5, connections=40)]
+    assert _goal(doc, "tiny: a crowd").met is False
+
+
+def test_flat_in_connections_compares_1000_with_128() -> None:
+    doc: dict[str, Any] = {"plan": {"workloads": ["tiny"]}, "checks": []}
+    doc["points"] = [
+        _closed_point("carpool", 128, 20_000.0),
+        _closed_point("carpool", 1000, 16_000.0),
+    ]
+    goal = _goal(doc, "tiny: flat in connections")
+    assert goal.met is True
+    assert "0.80x" in goal.measured
+    doc["points"][1]["rps"] = 15_000.0
+    assert _goal(doc, "tiny: flat in connections").met is False
+    doc["points"].pop()
+    assert _goal(doc, "tiny: flat in connections").met is None
+
+
+def test_the_websocket_goal_is_against_mosecs_best_http() -> None:
+    doc: dict[str, Any] = {"plan": {"workloads": ["tiny"]}, "checks": []}
+    doc["points"] = [
+        _closed_point("mosec", 128, 40_000.0),
+        _closed_point("carpool", 128, 50_000.0, "ws"),
+    ]
+    assert _goal(doc, "WebSocket: against mosec").met is True
+    doc["points"][1]["rps"] = 49_000.0
+    goal = _goal(doc, "WebSocket: against mosec")
+    assert goal.met is False
+    assert "1.23x" in goal.measured
+
+
 # -- the floor and the CPU per request -------------------------------------------
 
 
