@@ -62,6 +62,14 @@ class Queue(Generic[Item, Result]):
         self._pending: deque[Pending[Item, Result]] = deque()
         self._arrivals = 0
         self._arrived = asyncio.Event()
+        # Deadlines: one timer for the queue, at the earliest deadline of the
+        # callers queued in deadline order (most of them: every request of a
+        # model has the same timeout unless it asks for a shorter one); a
+        # caller whose deadline comes before an earlier caller's has a timer
+        # of its own. No timer per request on the hot path.
+        self._in_order = -math.inf  # the latest deadline queued in order
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_at = math.inf
         self._gather_lock = asyncio.Lock()
 
     # -- the door --------------------------------------------------------------
@@ -112,12 +120,19 @@ class Queue(Generic[Item, Result]):
             return None
         loop = asyncio.get_running_loop()
         pending: Pending[Item, Result] = Pending(items, loop.create_future(), now, deadline)
+        if not stats.queued:
+            self._in_order = -math.inf
         self._pending.append(pending)
         stats.queued += count
         self._arrivals += 1
         self._arrived.set()
         if deadline is not None:
-            pending.timer = loop.call_later(deadline - now, self.expire, pending)
+            if deadline >= self._in_order:
+                self._in_order = deadline
+                if deadline < self._expiry_at:  # the queue was empty: nothing sooner is armed
+                    self._arm_expiry(deadline, now)
+            else:
+                pending.timer = loop.call_later(deadline - now, self.expire, pending)
         return pending
 
     # -- leaving early ---------------------------------------------------------
@@ -146,6 +161,32 @@ class Queue(Generic[Item, Result]):
         pending.future.set_exception(
             DeadlineExceeded("the request's deadline passed while it waited in the queue")
         )
+
+    def _expire_due(self) -> None:
+        """The queue's deadline timer: expire the in-order callers whose
+        deadline has passed, then wait for the next one's."""
+        self._expiry, self._expiry_at = None, math.inf
+        now = time.monotonic()
+        queue = self._pending
+        index = 0
+        while index < len(queue):
+            pending = queue[index]
+            deadline = pending.deadline
+            if pending.next == len(pending.items) or pending.timer is not None or deadline is None:
+                index += 1  # dispatched, or timed by its own timer, or never timed out
+                continue
+            if deadline > now:
+                self._arm_expiry(deadline, now)
+                return
+            self.expire(pending)  # leaves the queue, or stays at the head with nothing left
+            if index < len(queue) and queue[index] is pending:
+                index += 1
+
+    def _arm_expiry(self, deadline: float, now: float) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry_at = deadline
+        self._expiry = asyncio.get_running_loop().call_later(deadline - now, self._expire_due)
 
     def fail(self, pending: Pending[Item, Result], error: BatchingError, reason: str) -> None:
         """Answer ``pending`` with ``error`` (unless answered); its queued items leave."""

@@ -16,6 +16,7 @@ import asyncio
 import random
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -314,6 +315,74 @@ async def test_a_deadline_passing_in_the_queue_fails_promptly_and_is_never_compu
         assert await answered(first) == 0
         assert await answered(batcher.submit(2)) == 4
     assert batches == [[0], [2]]
+
+
+async def test_deadlines_in_any_order_each_fail_while_the_model_is_busy() -> None:
+    """One timer serves the callers queued in deadline order; a shorter
+    deadline behind a longer one has its own. Each fails at or after its
+    deadline (never before) while the model holds, in deadline order."""
+    gate = threading.Event()
+
+    def double(items: list[int]) -> list[int]:
+        gate.wait()
+        return [2 * x for x in items]
+
+    policy = BatchPolicy(max_batch_size=1, max_wait=0.001)
+    async with Batcher([double], policy) as batcher:
+        try:
+            first = asyncio.create_task(batcher.submit(0))
+            await eventually(lambda: batcher.stats.in_flight == 1)
+            now = time.monotonic()
+            waits = {1: 0.30, 2: 0.32, 3: 0.10, 4: 0.34, 5: 0.05}  # 3 and 5 out of order
+            order: list[int] = []
+            tasks = {
+                x: asyncio.create_task(batcher.submit(x, deadline=now + wait))
+                for x, wait in waits.items()
+            }
+            failed_at: dict[int, float] = {}
+
+            def done(x: int) -> Callable[[asyncio.Task[int]], None]:
+                def record(_: asyncio.Task[int]) -> None:
+                    failed_at[x] = time.monotonic()
+                    order.append(x)
+
+                return record
+
+            for x, task in tasks.items():
+                task.add_done_callback(done(x))
+            for task in tasks.values():
+                with pytest.raises(DeadlineExceeded):
+                    await answered(task)  # the gate is shut: only the deadline answers
+            assert all(failed_at[x] >= now + wait for x, wait in waits.items())
+            assert order == sorted(waits, key=waits.__getitem__)
+            assert batcher.stats.dropped["deadline"] == 5
+            assert batcher.stats.queued == 0
+        finally:
+            gate.set()
+        assert await answered(first) == 0
+
+
+async def test_a_short_deadline_after_the_queue_emptied_is_not_left_to_a_later_timer() -> None:
+    gate = threading.Event()
+    gate.set()
+
+    def double(items: list[int]) -> list[int]:
+        gate.wait()
+        return [2 * x for x in items]
+
+    policy = BatchPolicy(max_batch_size=1, max_wait=0.001)
+    async with Batcher([double], policy) as batcher:
+        try:
+            # taken at once: the queue's timer stays armed for 30 s from now
+            assert await answered(batcher.submit(1, deadline=time.monotonic() + 30)) == 2
+            gate.clear()
+            held = asyncio.create_task(batcher.submit(0))
+            await eventually(lambda: batcher.stats.in_flight == 1)
+            with pytest.raises(DeadlineExceeded):  # within answered()'s 10 s, not 30
+                await answered(batcher.submit(2, deadline=time.monotonic() + 0.05))
+        finally:
+            gate.set()
+        assert await answered(held) == 0
 
 
 async def test_an_item_past_its_deadline_when_its_batch_is_taken_is_never_computed() -> None:
