@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 
@@ -82,8 +82,10 @@ def decode_request(
                 f"input {spec.name!r} has {shape[0]} items, an earlier input has {count}"
             )
         size = math.prod(shape)
-        params = _parameters(entry.get("parameters"), f"inputs[{position}].parameters")
-        binary_size = params.get("binary_data_size")
+        params = entry.get("parameters")
+        if params is not None:
+            params = _parameters(params, f"inputs[{position}].parameters")
+        binary_size = params.get("binary_data_size") if params else None
         if binary_size is not None:
             if binary is None:
                 raise BadRequest(
@@ -173,18 +175,23 @@ def _input_header(
     if datatype != spec.datatype:
         raise BadRequest(f"input {spec.name!r}: datatype {datatype!r}, expected {spec.datatype!r}")
     shape = entry.get("shape")
-    if (
-        type(shape) is not list
-        or len(shape) != len(spec.shape)
-        or not all(type(d) is int and d >= 0 for d in shape)
-        or not all(want in (-1, got) for want, got in zip(spec.shape, shape, strict=True))
-        or shape[0] == 0
-    ):
+    if not _fits(shape, spec.shape):
         raise BadRequest(
             f"input {spec.name!r}: shape {shape!r} does not fit {list(spec.shape)} "
             "(-1 is any size; the first axis is the number of items, at least 1)"
         )
     return spec, shape
+
+
+def _fits(shape: object, declared: tuple[int, ...]) -> TypeGuard[list[int]]:
+    """Whether ``shape`` is a list of non-negative integers matching ``declared``
+    (-1 matches any size), with at least one item."""
+    if type(shape) is not list or len(shape) != len(declared) or not shape:
+        return False
+    for got, want in zip(shape, declared, strict=True):
+        if type(got) is not int or got < 0 or (want != -1 and want != got):
+            return False
+    return bool(shape[0])
 
 
 def _requested_outputs(
