@@ -42,6 +42,8 @@ class TensorKind(ModelKind[Row]):
 
     def split(self, request: InferRequest) -> list[Row]:
         columns = [request.columns[spec.name] for spec in self.config.inputs]
+        if request.count == 1:
+            return [tuple(columns)]  # each column is the one item's values: no copy
         sizes = self._sizes
         return [
             tuple(
