@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 from prometheus_client import (
     CollectorRegistry,
+    GCCollector,
     Histogram,
     ProcessCollector,
     generate_latest,
@@ -77,6 +78,9 @@ class Metrics:
         # process_resident_memory_bytes, process_open_fds, ...: what a soak
         # (RELIABILITY R24) and an operator watch for leaks
         ProcessCollector(registry=self.registry)
+        # python_gc_collections_total{generation}: collections that grow with load
+        # mean in-flight objects are being walked (server/uvicorn_internals.py)
+        GCCollector(registry=self.registry)
         self.registry.register(_LoopCollector())
 
     def count(self, model: str, outcome: str) -> None:

@@ -45,6 +45,7 @@ _BODY = 3  # body arriving
 # of the names and values that server/limits.py counts
 HEAD_SLACK = 8 * 1024
 _DEFAULTS = Settings()
+YOUNG_GC_THRESHOLD = 50_000  # gc.set_threshold's first value once serving (Python's: 700)
 _LINGER_SECONDS = 2.0
 _PIPELINE_DEPTH = 8  # whole pipelined requests read ahead; past it, reading pauses
 _ONE_WRITE = 64 * 1024
@@ -454,6 +455,12 @@ class Server(uvicorn.Server):
             # never walk it again (~150 ms each otherwise, bench/slowloris.py).
             gc.collect()
             gc.freeze()
+            # A young collection runs whenever tracked objects outnumber the freed
+            # ones by the threshold: the objects of in-flight requests do, so at 700
+            # collections grow with load (17 us per request at 1,000 connections,
+            # measured in-process; 1.4 us at 128). Requests free their own objects
+            # (no cycles), so a high threshold costs little memory.
+            gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)

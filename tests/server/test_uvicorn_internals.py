@@ -9,11 +9,14 @@ transport with a fake connection and count what reaches the socket.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from server.uvicorn_internals import _BODY, _IDLE, DeadlineProtocol, _ResponseTransport
+from tests.keepalive import Pool
+from tests.servers import ROOT, scrape, subprocess_server
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
 
@@ -113,3 +116,33 @@ def test_closing_while_the_request_body_still_arrives_lingers() -> None:
     transport.close()
     assert connection.lingered
     assert not connection.transport.closed
+
+
+# -- the garbage collector while serving ----------------------------------------
+
+
+def test_a_serving_process_does_not_collect_while_requests_are_in_flight(tmp_path: Path) -> None:
+    """``carpool serve`` raises the young-generation threshold once it serves:
+    at Python's 700, the objects of a few hundred requests in flight start
+    collections that walk all of them, more the more load there is."""
+    (tmp_path / "digits").symlink_to(ROOT / "weights" / "digits")
+    with subprocess_server(["--models", str(tmp_path), "--torch-threads", "1"]) as child:
+        before = asyncio.run(_young_collections(child.port))
+        asyncio.run(_load(child.port, requests=4000, in_flight=400))
+        after = asyncio.run(_young_collections(child.port))
+    assert after - before <= 2
+
+
+async def _young_collections(port: int) -> float:
+    async with Pool(port, 1) as pool:
+        page = await pool.get("/metrics")
+    return scrape(page.body.decode())['python_gc_collections_total{generation="0"}']
+
+
+async def _load(port: int, requests: int, in_flight: int) -> None:
+    body = {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": [1] * 64}]}
+    async with Pool(port, in_flight) as pool:
+        answers = await asyncio.gather(
+            *(pool.post("/v2/models/digits/infer", body) for _ in range(requests))
+        )
+    assert all(answer.status == 200 for answer in answers)
