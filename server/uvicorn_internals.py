@@ -147,7 +147,12 @@ class DeadlineProtocol(HttpToolsProtocol):
         )
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        # uvicorn's on_message_begin also builds the request's ASGI scope; a
+        # request that takes the direct lane never needs one, so it is built
+        # at the last header, and only for the ASGI way (_build_scope)
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
         self._phase = _HEAD
         self._started = self.loop.time()
         self._head_bytes = 0
@@ -164,6 +169,7 @@ class DeadlineProtocol(HttpToolsProtocol):
                 if direct is not None:
                     self._start_direct(direct, ahead)
                     return
+        self._build_scope()
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is ahead or cycle is None:
@@ -174,6 +180,13 @@ class DeadlineProtocol(HttpToolsProtocol):
             self._ahead.append(ahead)
         self._phase = _BODY
         self._started = self.loop.time()
+
+    def _build_scope(self) -> None:
+        """uvicorn's scope for the request whose head was just parsed."""
+        url, headers, expect = self.url, self.headers, self.expect_100_continue
+        super().on_message_begin()  # builds the scope, and starts url and headers afresh
+        self.url, self.headers, self.expect_100_continue = url, headers, expect
+        self.scope["headers"] = headers
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle
