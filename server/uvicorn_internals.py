@@ -74,6 +74,10 @@ class DeadlineProtocol(HttpToolsProtocol):
         self._timer_at = 0.0
         self._lingering = False
         self._upgraded = False  # handed to a WebSocket protocol
+        # keep-alive: idle since (loop time), None while a request is on the
+        # connection; one timer checks it (_keep_alive_check), not one per answer
+        self._idle_since: float | None = None
+        self._keep_alive: asyncio.TimerHandle | None = None
         # requests still being answered when a pipelined one arrived behind them
         self._ahead: list[RequestResponseCycle] = []
 
@@ -85,6 +89,10 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._idle_since = None
+        if self._keep_alive is not None:
+            self._keep_alive.cancel()
+            self._keep_alive = None
         # uvicorn tells only the newest request (``self.cycle``) that the client
         # left; one ahead of a pipelined request would write its answer into the
         # closed transport and log an error (found by killing clients, R7)
@@ -111,7 +119,7 @@ class DeadlineProtocol(HttpToolsProtocol):
             return  # a WebSocket's now: no receipt deadline applies to it
         phase = self._phase
         if phase == _IDLE:
-            if self.timeout_keep_alive_task is not None or self.transport.is_closing():
+            if self._idle_since is not None or self.transport.is_closing():
                 return
             if self.cycle is not None and not self.cycle.response_complete:
                 return  # the app is answering; its time is not limited here
@@ -180,6 +188,40 @@ class DeadlineProtocol(HttpToolsProtocol):
             self._ahead.append(ahead)
         self._phase = _BODY
         self._started = self.loop.time()
+
+    # -- keep-alive --------------------------------------------------------------
+
+    def on_response_complete(self) -> None:
+        # uvicorn's, but for the keep-alive timeout: uvicorn arms a timer after
+        # every answer and cancels it when the next request's bytes arrive; here
+        # the answer notes the time, and one timer per connection checks it
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        since = self._idle_since = self.loop.time()
+        if self._keep_alive is None:
+            self._keep_alive = self.loop.call_at(
+                since + self.timeout_keep_alive, self._keep_alive_check
+            )
+
+    def _unset_keepalive_if_required(self) -> None:
+        self._idle_since = None  # bytes arrived: the connection is not idle
+
+    def _keep_alive_check(self) -> None:
+        self._keep_alive = None
+        since = self._idle_since
+        if since is None or self.transport.is_closing():
+            return  # busy now: the next answer arms the check again
+        deadline = since + self.timeout_keep_alive
+        if deadline <= self.loop.time():
+            self.timeout_keep_alive_handler()
+        else:
+            self._keep_alive = self.loop.call_at(deadline, self._keep_alive_check)
 
     def _build_scope(self) -> None:
         """uvicorn's scope for the request whose head was just parsed."""

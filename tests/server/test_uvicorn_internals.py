@@ -9,14 +9,17 @@ transport with a fake connection and count what reaches the socket.
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 from pathlib import Path
 from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
+from server.settings import Settings
 from server.uvicorn_internals import _BODY, _IDLE, DeadlineProtocol, _ResponseTransport
 from tests.keepalive import Pool
-from tests.servers import ROOT, scrape, subprocess_server
+from tests.servers import ROOT, in_thread, scrape, subprocess_server
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
 
@@ -146,3 +149,26 @@ async def _load(port: int, requests: int, in_flight: int) -> None:
             *(pool.post("/v2/models/digits/infer", body) for _ in range(requests))
         )
     assert all(answer.status == 200 for answer in answers)
+
+
+# -- keep-alive: one timer per connection, not one per answer ---------------------
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_the_timeout_and_a_busy_one_is_not(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "digits").symlink_to(ROOT / "weights" / "digits")
+    settings = Settings(models_dir=tmp_path, torch_threads=1)
+    with in_thread(settings, timeout_keep_alive=1) as running:
+        live = b"GET /v2/health/live HTTP/1.1\r\nhost: t\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", running.port), timeout=10) as busy:
+            # a request every 0.4 s for 2.4 s: never idle for the 1 s timeout
+            for _ in range(6):
+                busy.sendall(live)
+                assert busy.recv(4096).startswith(b"HTTP/1.1 200 ")
+                time.sleep(0.4)
+            busy.sendall(live)
+            assert busy.recv(4096).startswith(b"HTTP/1.1 200 ")
+            idle_from = time.monotonic()
+            assert busy.recv(4096) == b""  # then idle: closed by the server
+            assert 0.9 <= time.monotonic() - idle_from < 5
