@@ -339,8 +339,10 @@ async def trickle(port: int, start: bytes, more: bytes, pace: float) -> tuple[by
     server closes the connection (at most WAIT seconds): what it answered,
     and the seconds from connect to its close."""
     loop = asyncio.get_running_loop()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    # before the connect: the server's deadline runs from its accept, which a
+    # busy test loop may hear of late (found when CI shared the machine)
     opened = loop.time()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     closed: list[float] = []
     try:
         answer = asyncio.ensure_future(reader.read())  # everything, up to EOF
