@@ -25,11 +25,10 @@ watch task for that.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from batching import Completion, Pending
+from batching import Cancelled, Completion, Pending
 from server import auth
 from server.asgi import int_value
 from server.errors import answer
@@ -38,8 +37,6 @@ from server.kinds import Result
 from server.metrics import Metrics
 from server.models import ServedModel
 from server.settings import Settings
-
-logger = logging.getLogger("carpool.server")
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -186,6 +183,9 @@ class DirectRequest:
             return  # counted as cancelled when the client left
         job = self._job
         assert job is not None
+        if future.cancelled():  # only lose() withdraws; anything else is a shutdown
+            self._refuse(Cancelled("the server shut down before this request finished"))
+            return
         try:
             completion = future.result()
             payload, header_length = self._lane.infer.encode(job, completion)
@@ -218,6 +218,7 @@ class DirectRequest:
     def _finish(self, status: int, head: bytes, body: bytes) -> None:
         self.response_started = True
         self.response_complete = True
+        self._job = self._pending = None  # an idle connection keeps its last request
         self._conn.finish_direct(self, status, head, body)
 
 
