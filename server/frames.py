@@ -58,6 +58,14 @@ SEND_MANY = "carpool.websocket.send_many"
 sends many frames in one write."""
 
 
+PUSH = "carpool.websocket.push"
+"""The ASGI extension (and message type) with which a stream takes its
+messages straight from carpool's stream protocol: ``{"type": PUSH, "sink":
+feed}``, where ``feed(data, binary) -> bool`` takes one message's bytes, or
+says False (it has no room) and the protocol queues that message and the
+next ones for ``receive()`` until the app has read them all."""
+
+
 def message(frame: Frame) -> Message:
     """A frame as the standard ASGI ``websocket.send`` message."""
     is_text, data = frame

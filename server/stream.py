@@ -63,6 +63,7 @@ class Stream:
         send: Send,
         settings: Settings,
         send_many: bool = False,
+        push: bool = False,
     ) -> None:
         self.name = name
         self.model = model
@@ -77,6 +78,8 @@ class Stream:
         self._receive = receive
         self._send = send
         self._send_many = send_many  # the protocol writes many frames at once (frames.SEND_MANY)
+        self._push = push  # the protocol hands over messages as they arrive (frames.PUSH)
+        self._serving = True  # False once serve() has ended: the sink takes nothing more
         # the requests queued in the batcher, by id
         self._pending: dict[str, Pending[Any, Result]] = {}
         self._outbox: deque[frames.Frame | Message] = deque()  # a Message: the close
@@ -102,6 +105,8 @@ class Stream:
         reader: asyncio.Task[None] | None = None
         try:
             if not self.draining:
+                if self._push:
+                    await self._send({"type": frames.PUSH, "sink": self._feed})
                 reader = self._reader = asyncio.create_task(self._read())
                 await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
             if self.draining and not writer.done():
@@ -111,6 +116,7 @@ class Stream:
         finally:
             # The client left (or we are done): what is still queued is withdrawn
             # from the batcher before it is computed.
+            self._serving = False
             self._withdraw_all()
             tasks: list[asyncio.Future[Any]] = [writer]
             if reader is not None:
@@ -152,6 +158,9 @@ class Stream:
     # -- reading -----------------------------------------------------------------
 
     async def _read(self) -> None:
+        """Take messages from ``receive()``: every one without ``frames.PUSH``;
+        with it, the ones the protocol queued while the stream was full (and
+        the disconnect)."""
         receive = self._receive
         cap = self.max_in_flight
         while True:
@@ -161,14 +170,36 @@ class Stream:
             message = await receive()
             if message["type"] != "websocket.receive":
                 return  # websocket.disconnect
+            if self.in_flight >= cap:  # filled by pushed messages while this one waited
+                self._room.clear()
+                await self._room.wait()
             if not self._take(message):
                 return
 
+    def _feed(self, data: bytes, binary: bool) -> bool:
+        """``frames.PUSH``'s sink: take a message as the protocol parses it,
+        unless the stream is full, draining or closing (False: the protocol
+        queues it, and the reader takes it when there is room)."""
+        if (
+            self.in_flight >= self.max_in_flight
+            or self.draining
+            or self._closing
+            or not self._serving
+        ):
+            return False
+        self._take_frame(data, binary)
+        return True
+
     def _take(self, message: Message) -> bool:
+        """Accept one ASGI message: see ``_take_frame``."""
+        text: str | None = message.get("text")
+        if text is not None:
+            return self._take_frame(text.encode(), False)
+        return self._take_frame(message.get("bytes") or b"", True)
+
+    def _take_frame(self, frame: bytes, binary: bool) -> bool:
         """Accept one message: answer it at once if it is bad, else submit it.
         False when the connection must close."""
-        text: str | None = message.get("text")
-        frame: bytes = text.encode() if text is not None else message.get("bytes") or b""
         if len(frame) > self.max_message_bytes:
             # uvicorn's websockets implementations enforce ws_max_size first;
             # this holds under any other.
@@ -176,7 +207,6 @@ class Stream:
             return False
         self.in_flight += 1
         self._idle.clear()
-        binary = text is None
         request_id: str | None = None
         infer = self.infer
         try:

@@ -446,28 +446,41 @@ class StreamProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._waiting_bytes = 0
+        # frames.PUSH: the stream's sink, and whether messages go to it (else
+        # to the queue, until the app has read the queue empty)
+        self._sink: Any = None
+        self._pushing = False
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
         if scope is not None:  # accepted by websockets: the app's task starts on the next turn
             scope["extensions"][frames.SEND_MANY] = {}
+            scope["extensions"][frames.PUSH] = {}
 
     def send_receive_event_to_app(self) -> None:
         data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
         self.frames = []
         if self.close_sent:
             return
-        if self.curr_msg_data_type == "text":
+        binary = self.curr_msg_data_type != "text"
+        text = ""
+        if not binary:
             try:
-                self.queue.put_nowait({"type": "websocket.receive", "text": data.decode()})
+                text = data.decode()
             except UnicodeDecodeError:
                 self.logger.exception("Invalid UTF-8 sequence received from client.")
                 self.conn.send_close(1007)
                 self.handle_parser_exception()
                 return
-        else:
+        if self._pushing:
+            if self._sink(bytes(data), binary):
+                return
+            self._pushing = False  # the stream is full: queue until it has read them all
+        if binary:
             self.queue.put_nowait({"type": "websocket.receive", "bytes": data})
+        else:
+            self.queue.put_nowait({"type": "websocket.receive", "text": text})
         self._waiting_bytes += len(data)
         if not self.read_paused and (
             self.queue.qsize() >= _READ_AHEAD or self._waiting_bytes > _READ_AHEAD_BYTES
@@ -476,6 +489,11 @@ class StreamProtocol(WebSocketsSansIOProtocol):
             self.transport.pause_reading()
 
     async def receive(self) -> Any:
+        if self._sink is not None and not self._pushing and self.queue.empty():
+            self._pushing = True  # everything queued has been read: push again
+            if self.read_paused:
+                self.read_paused = False
+                self.transport.resume_reading()
         message: dict[str, Any] = await self.queue.get()  # type: ignore[assignment]
         data = message.get("text") or message.get("bytes")
         if data:
@@ -490,6 +508,10 @@ class StreamProtocol(WebSocketsSansIOProtocol):
         return message
 
     async def send(self, message: Any) -> None:
+        if message["type"] == frames.PUSH:
+            self._sink = message["sink"]
+            self._pushing = self.queue.empty()
+            return
         if message["type"] != frames.SEND_MANY:
             await super().send(message)
             return

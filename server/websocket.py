@@ -105,9 +105,18 @@ class StreamEndpoint:
         except NotFound as exc:
             # Told per message, like the HTTP route: a client sees a 404 for each request.
             missing = str(exc)
-        send_many = frames.SEND_MANY in scope.get("extensions", {})
+        extensions = scope.get("extensions", {})
         stream = Stream(
-            name, model, missing, self.infer, self.metrics, receive, send, self.settings, send_many
+            name,
+            model,
+            missing,
+            self.infer,
+            self.metrics,
+            receive,
+            send,
+            self.settings,
+            send_many=frames.SEND_MANY in extensions,
+            push=frames.PUSH in extensions,
         )
         self.registry.add(stream)  # before the first await: a drain from now on sees it
         try:
