@@ -2,7 +2,8 @@
 
 Figures the batcher already counts (queue depth, in flight, batches, dropped
 items) are read when /metrics is scraped, so they cost the hot path nothing.
-Histograms are observed once per batch. Requests are counted per request
+Histograms are plain counts (``_Histogram``), observed once per batch
+(the queue wait once per request in it). Requests are counted per request
 in a plain dict (an integer add, where a prometheus-client counter takes a
 lock), which ``/metrics`` reads as ``carpool_requests_total``.
 """
@@ -10,17 +11,24 @@ lock), which ``/metrics`` reads as ``carpool_requests_total``.
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_left
 from collections.abc import Iterator
+from itertools import accumulate
 
 from prometheus_client import (
     CollectorRegistry,
     GCCollector,
-    Histogram,
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from batching import BatchListener
 from server.models import ModelSet
@@ -53,27 +61,19 @@ class Metrics:
         # (model, outcome) -> requests answered; counted on the event loop only
         self.requests: dict[tuple[str, str], int] = {}
         self.registry.register(_RequestCollector(self.requests))
-        self.batch_size = Histogram(
-            "carpool_batch_size",
-            "Items per forward pass.",
-            ["model"],
-            buckets=_SIZE_BUCKETS,
-            registry=self.registry,
+        self.batch_size = _Histograms(
+            "carpool_batch_size", "Items per forward pass.", _SIZE_BUCKETS
         )
-        self.queue_seconds = Histogram(
+        self.queue_seconds = _Histograms(
             "carpool_queue_seconds",
             "Time a request waited in the queue before its first batch ran.",
-            ["model"],
-            buckets=_SECONDS_BUCKETS,
-            registry=self.registry,
+            _SECONDS_BUCKETS,
         )
-        self.compute_seconds = Histogram(
-            "carpool_compute_seconds",
-            "Time one batch took in the worker thread.",
-            ["model"],
-            buckets=_SECONDS_BUCKETS,
-            registry=self.registry,
+        self.compute_seconds = _Histograms(
+            "carpool_compute_seconds", "Time one batch took in the worker thread.", _SECONDS_BUCKETS
         )
+        for histograms in (self.batch_size, self.queue_seconds, self.compute_seconds):
+            self.registry.register(histograms)
         self.registry.register(_BatcherCollector(models))
         # process_resident_memory_bytes, process_open_fds, ...: what a soak
         # (RELIABILITY R24) and an operator watch for leaks
@@ -103,6 +103,52 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Histogram:
+    """One histogram's bucket counts and sum, observed on the event loop
+    with a bisect and two adds (prometheus-client's takes a lock per
+    observation: per request, for the queue wait)."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+
+class _Histograms(Collector):
+    """A histogram per model, exported as prometheus-client exports one."""
+
+    def __init__(self, name: str, documentation: str, bounds: tuple[float, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = tuple(map(float, bounds))
+        self._labels = [*map(floatToGoString, self.bounds), "+Inf"]
+        self._by_model: dict[str, _Histogram] = {}
+
+    def labels(self, model: str) -> _Histogram:
+        found = self._by_model.get(model)
+        if found is None:
+            found = self._by_model[model] = _Histogram(self.bounds)
+        return found
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=["model"])
+        for model, histogram in list(self._by_model.items()):
+            cumulative = list(accumulate(histogram.counts))
+            family.add_metric(
+                [model], list(zip(self._labels, cumulative, strict=True)), histogram.total
+            )
+        yield family
 
 
 class _RequestCollector(Collector):
