@@ -132,6 +132,7 @@ def main() -> None:
 
     from server.cli import raise_open_files_limit, uvicorn_config
     from server.settings import Settings
+    from server.uvicorn_internals import YOUNG_GC_THRESHOLD
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -146,9 +147,11 @@ def main() -> None:
     config = uvicorn_config(cast(Any, floor), settings)
     raise_open_files_limit()
     # as carpool's Server does after start-up: full collections never walk
-    # what start-up built (torch, imported by server.cli, and the answers)
+    # what start-up built (torch, imported by server.cli, and the answers),
+    # and young ones wait for as many objects
     gc.collect()
     gc.freeze()
+    gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
     uvicorn.Server(config).run()
 
 
