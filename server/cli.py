@@ -17,7 +17,8 @@ from server.app import Carpool, create_app
 from server.auth import warn_if_exposed
 from server.direct import DirectLane
 from server.settings import Settings
-from server.uvicorn_internals import HEAD_SLACK, DeadlineProtocol, Server, StreamProtocol
+from server.stream_protocol import StreamProtocol
+from server.uvicorn_internals import HEAD_SLACK, DeadlineProtocol, Server
 
 
 def main(argv: Sequence[str] | None = None) -> None:

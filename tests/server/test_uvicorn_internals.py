@@ -14,10 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
-import pytest
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
-from websockets.frames import Frame, Opcode
-from websockets.streams import StreamReader
 
 from server.settings import Settings
 from server.uvicorn_internals import (
@@ -25,7 +22,6 @@ from server.uvicorn_internals import (
     _IDLE,
     DeadlineProtocol,
     _ResponseTransport,
-    frame_head,
 )
 from tests.keepalive import Pool
 from tests.servers import ROOT, in_thread, scrape, subprocess_server
@@ -181,21 +177,3 @@ def test_an_idle_keep_alive_connection_is_closed_after_the_timeout_and_a_busy_on
             idle_from = time.monotonic()
             assert busy.recv(4096) == b""  # then idle: closed by the server
             assert 0.9 <= time.monotonic() - idle_from < 5
-
-
-# -- the stream protocol frames its answers itself ---------------------------------
-
-
-@pytest.mark.parametrize("length", [0, 1, 125, 126, 65535, 65536, 70000])
-@pytest.mark.parametrize("is_text", [True, False])
-def test_frame_heads_parse_as_websockets_reads_a_servers_frames(is_text: bool, length: int) -> None:
-    payload = (b"a" if is_text else b"\x00") * length
-    reader = StreamReader()
-    reader.feed_data(frame_head(is_text, length) + payload)
-    parser = Frame.parse(reader.read_exact, mask=False)
-    with pytest.raises(StopIteration) as done:
-        next(parser)
-    frame: Frame = done.value.value
-    assert frame.opcode == (Opcode.TEXT if is_text else Opcode.BINARY)
-    assert frame.fin
-    assert frame.data == payload
