@@ -5,9 +5,12 @@ again before moving the pin. ``DeadlineProtocol`` is uvicorn's httptools
 protocol with what uvicorn lacks: deadlines for receiving a request
 (slowloris, uvicorn #157: ``header_timeout`` to the last header,
 ``body_timeout`` to the body's last byte; 408, or 431 past a cap on an
-unfinished head, then a lingering close) and answers that leave in one
-write. ``server/limits.py`` applies the exact header limit (431). ``Server``
-is uvicorn's, with carpool's drain (``server/lifecycle.py``) first. The
+unfinished head, then a lingering close), answers that leave in one write,
+the hand-over of plain infer requests to the direct lane (``server/direct.py``:
+no ASGI scope, task or cycle for them), and one keep-alive timer per
+connection instead of one per answer. ``server/limits.py`` applies the exact
+header limit (431) on the ASGI way. ``Server`` is uvicorn's, with carpool's
+drain (``server/lifecycle.py``) first and the GC settings for serving. The
 WebSocket protocol's changes are in ``server/stream_protocol.py``.
 """
 
