@@ -125,11 +125,14 @@ class Stack:
         result: list[dict[str, Any]] = json.loads(done.stdout)
         return result
 
-    def nginx_errors(self, lines: int = 20) -> str:
-        """nginx's last error-log lines about the replicas (why a request failed)."""
+    def nginx_errors(self, lines: int = 30) -> str:
+        """nginx's last error-log lines about the replicas and their names
+        (why a request failed); its error log is the container's stderr."""
         (nginx,) = [c for c in self.containers("nginx") if c["State"]["Running"]]
-        said = self.engine.run("logs", "--tail", "2000", nginx["Id"], check=False).stderr
-        return "\n".join([line for line in said.splitlines() if "upstream" in line][-lines:])
+        said = self.engine.run("logs", nginx["Id"], check=False).stderr.splitlines()
+        return "\n".join(
+            [line for line in said if "upstream" in line or "resolve" in line][-lines:]
+        )
 
     def instances(self, query: str) -> set[str]:
         """The ``instance`` labels of the series ``query`` finds."""

@@ -34,7 +34,9 @@ from deploy.compose.stack import ComposeStack, Stack, SwarmStack, wait_for
 from deploy.local.load import BODY, PATH, SteadyLoad
 
 MISSING = missing()
+# Read once, at import, like every setting of this module.
 FULL = os.environ.get("CARPOOL_COMPOSE_FULL") == "1"
+FIGURES_FILE = os.environ.get("CARPOOL_COMPOSE_FIGURES")
 REPLICAS = 3 if FULL else 2  # the compose file's own 3 in the long run
 CLIENTS = 4
 # Requests one load may send: the swarm's steps run for minutes (about 100/s).
@@ -85,8 +87,8 @@ def figures(request: pytest.FixtureRequest) -> Iterator[Figures]:
             reporter.write_line("")
             for line in ["compose test figures:", *lines]:
                 reporter.write_line(line)
-    if path := os.environ.get("CARPOOL_COMPOSE_FIGURES"):
-        Path(path).write_text("\n".join(lines) + "\n")
+    if FIGURES_FILE:
+        Path(FIGURES_FILE).write_text("\n".join(lines) + "\n")
 
 
 @pytest.fixture(scope="module")
