@@ -44,6 +44,20 @@ test: lint typecheck unit
 deploy-test: install
 	$(BIN)/pytest tests/deploy tests/server/test_access.py
 
+# docker-compose.yml for real (tests/deploy/test_compose.py): a private Docker
+# engine (Debian's docker.io, vfs, no iptables), base images from Debian's
+# packages (debootstrap), carpool's image from the Dockerfile, then `docker
+# compose up` and `docker stack deploy` on a one-node swarm, under load
+# (kill, stop, scale 4 and back to 2, rolling update, killed task). Installs
+# docker.io and debootstrap when missing. `make test` runs its short path:
+# 2 replicas, one kill, one stop, Prometheus.
+.PHONY: compose-test
+compose-test: install
+	command -v dockerd >/dev/null && command -v debootstrap >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends docker.io debootstrap >/dev/null; }
+	CARPOOL_COMPOSE_FULL=1 $(BIN)/pytest tests/deploy/test_compose.py
+
 # Benchmarks, not part of `make test`: carpool against the offline limit and its
 # peers on this machine (see the Performance section of README.md).
 # `make bench`: the full run (under 30 minutes); `make bench-quick`: a few short
