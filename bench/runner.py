@@ -95,7 +95,7 @@ class Runner:
             await wrk.run(running.host, running.port, 32, plan.warmup_seconds, workload.timeout_s)
             self.progress.advance(plan.warmup_seconds + 2, f"{what}: warmed up")
             best = 0.0
-            for concurrency in plan.concurrencies:
+            for concurrency in plan.concurrencies_for(workload.name):
                 point = await self.closed_http(running, wrk, concurrency)
                 best = max(best, point.rps)
             if "ws" in spec.transports:
@@ -201,7 +201,8 @@ class Runner:
     async def closed_ws_series(self, running: Running) -> None:
         plan, workload = self.plan, running.workload
         url = f"ws://{running.host}:{running.port}{workload.stream_path}"
-        for index, window in enumerate(plan.concurrencies):
+        windows = plan.concurrencies_for(workload.name)
+        for index, window in enumerate(windows):
             self.progress.show(
                 f"{running.spec.name} {workload.name}: WebSocket, {window} in flight"
             )
@@ -216,7 +217,7 @@ class Runner:
                 point.reasons.append(str(exc))
                 self.outcome.points.append(point)
                 self.progress.note(f"WebSocket unavailable: {exc}")
-                left = len(plan.concurrencies) - index
+                left = len(windows) - index
                 self.progress.advance(left * plan.seconds_per_point("closed"))
                 return
             point.duration_s, point.requests = result.duration_s, result.requests
