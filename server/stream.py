@@ -1,15 +1,19 @@
 """One WebSocket stream: many infer requests on one connection.
 
-A reader takes messages while fewer than ``max_in_flight`` are unanswered;
-each request is queued in the batcher without a task of its own (a task per
-message was the stream's largest cost), and its future's done-callback posts
-the answer; one writer sends the answers in the order they finish
+Messages are taken while fewer than ``max_in_flight`` are unanswered: handed
+over by carpool's stream protocol as it parses them (``frames.PUSH``), or
+read from ``receive()`` under any other server and whenever the stream was
+full. Each request is queued in the batcher without a task of its own (a
+task per message was the stream's largest cost), and its future's
+done-callback posts the answer; one writer sends the answers in the order
+they finish, all that are waiting in one write with ``frames.SEND_MANY``
 (``server/frames.py`` has their format).
 
 Backpressure: at most ``max_in_flight`` messages per connection are between
-read and answered. At the cap the connection stops calling ``receive()``,
-uvicorn stops reading its socket, and a client that sends without reading
-fills its own buffers, never the server's memory.
+read and answered. At the cap the stream takes no more: the protocol queues
+what it has parsed, stops reading its socket past a small read-ahead, and a
+client that sends without reading fills its own buffers, never the
+server's memory.
 
 Draining (``drain``): stop reading, answer what was accepted within the
 deadline (503 for what is still running then), close with 1001.
