@@ -227,11 +227,16 @@ class Queue(Generic[Item, Result]):
                         if self._arrivals == seen:
                             break  # a quiet turn: nobody else is coming soon
                     else:
+                        # Not wait_for: on Python 3.11 it swallows a cancellation
+                        # (aclose's) that lands in the turn its inner wait ended.
                         self._arrived.clear()
+                        wake = asyncio.get_running_loop().call_later(
+                            close_at - now, self._arrived.set
+                        )
                         try:
-                            await asyncio.wait_for(self._arrived.wait(), close_at - now)
-                        except TimeoutError:
-                            break
+                            await self._arrived.wait()
+                        finally:
+                            wake.cancel()
                 batch = self.take(time.monotonic())
                 if batch:  # empty when every queued caller left while we waited
                     return batch

@@ -583,3 +583,31 @@ async def test_cancel_all_fails_every_queued_caller_with_cancelled_once() -> Non
         assert isinstance(caller.future.exception(), Cancelled)
     assert queue.stats.queued == 0
     assert queue.stats.dropped["closed"] == 3
+
+
+@pytest.mark.parametrize("turns", range(6))
+async def test_a_gatherer_cancelled_as_the_queue_closes_ends_cancelled(turns: int) -> None:
+    # aclose() closes the queue (which wakes a gatherer waiting out max_wait)
+    # and then cancels the instances it timed out on. However many loop turns
+    # fall between the two, the gatherer must end cancelled: a gatherer that
+    # swallowed the cancellation went on to run a batch, and aclose waited on
+    # it (Python 3.11's wait_for returns the inner result on a cancellation
+    # that lands in the turn the inner wait finished).
+    queue: Queue[int, int] = Queue(
+        BatchPolicy(max_batch_size=8, max_wait=60.0, eager=False),
+        BatcherStats(),
+        "bare",
+        instances=1,
+    )
+    queue.open()
+    queued(queue, [1])
+    gatherer = asyncio.create_task(queue.gather())
+    for _ in range(3):
+        await asyncio.sleep(0)  # it waits out max_wait for more items
+    assert not gatherer.done()
+    queue.stop_accepting()
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    if gatherer.cancel():  # False: it had returned its batch already, which is fine
+        with pytest.raises(asyncio.CancelledError):
+            await gatherer
