@@ -24,6 +24,7 @@ one per instance and, in ``aclose``, drains, cancels and awaits them.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -42,6 +43,8 @@ from batching.queue import Queue
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+
+logger = logging.getLogger("carpool.batching")
 
 
 class Batcher(Generic[Item, Result]):
@@ -124,6 +127,16 @@ class Batcher(Generic[Item, Result]):
             # 3. Cancel the rest: the callers of a batch cut short get Cancelled.
             for task in unfinished:
                 task.cancel()
+            while unfinished:
+                _, unfinished = await asyncio.wait(unfinished, timeout=1.0)
+                for task in unfinished:  # code it awaited swallowed the cancellation: a bug
+                    self.stats.loop_errors += 1
+                    logger.error(
+                        "%s: %s ignored its cancellation; cancelling again",
+                        self.name,
+                        task.get_name(),
+                    )
+                    task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
         # 4. Fail whatever is still queued with Cancelled.
         self._queue.cancel_all()

@@ -105,6 +105,30 @@ async def test_aclose_past_its_timeout_fails_queued_and_running_items_with_cance
     assert batches == [[0]]
 
 
+async def test_aclose_cancels_again_an_instance_that_swallowed_its_cancellation() -> None:
+    # The bug this guards against was ours (wait_for on Python 3.11, in the
+    # gatherer): aclose must still end, and count the swallow as a loop error.
+    batcher: Batcher[int, int] = Batcher([lambda items: items], BatchPolicy())
+    swallowed = 0
+
+    async def stubborn_gather() -> None:
+        nonlocal swallowed
+        never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            await never
+        except asyncio.CancelledError:
+            swallowed += 1
+        await asyncio.get_running_loop().create_future()  # the second cancel ends it
+
+    batcher._queue.gather = stubborn_gather  # type: ignore[method-assign]
+    batcher.start()
+    await asyncio.sleep(0)
+    await answered(batcher.aclose(timeout=0))
+    assert swallowed == 1
+    assert batcher.stats.loop_errors == 1
+    assert all(task.done() for task in batcher._tasks)
+
+
 async def test_stop_accepting_refuses_new_items_while_queued_ones_still_run() -> None:
     gate = threading.Event()
     batches: list[list[int]] = []
