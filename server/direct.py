@@ -5,7 +5,7 @@ uvicorn gives every request a scope, a task, a receive and a send
 coroutine, and checks every response header against two regular
 expressions; the infer route then adds a disconnect watch and the
 middleware stack. For a tiny request that is most of what it costs. Here
-the protocol (``server/uvicorn_internals.py``) hands a plain infer request,
+the protocol (``server/uvicorn_internals/http.py``) hands a plain infer request,
 once its headers are in, to ``DirectLane.take``; the request reads its body
 from the protocol's callbacks, runs the same transaction as every transport
 (``server/infer.py``), waits on its future's done-callback (no task), and

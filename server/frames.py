@@ -54,7 +54,7 @@ Frame = tuple[bool, bytes]
 
 SEND_MANY = "carpool.websocket.send_many"
 """The ASGI extension (and message type) of carpool's stream protocol
-(``server/uvicorn_internals.py``): ``{"type": SEND_MANY, "frames": [Frame, ...]}``
+(``server/stream_protocol.py``): ``{"type": SEND_MANY, "frames": [Frame, ...]}``
 sends many frames in one write."""
 
 

@@ -1,7 +1,7 @@
 """The server's life: start every model, and the one shutdown sequence.
 
 ``Lifecycle.shutdown`` is the only way the server stops serving. carpool's
-uvicorn ``Server`` (``server/uvicorn_internals.py``) runs it on SIGTERM
+uvicorn ``Server`` (``server/uvicorn_internals/serving.py``) runs it on SIGTERM
 before uvicorn's own shutdown, while every connection is still open; the
 lifespan's end runs it too, where it is a no-op by then, or the whole
 sequence when the app runs under a plain uvicorn.

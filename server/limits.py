@@ -10,7 +10,7 @@ The other limits live where their facts are known:
 - body size (413): ``server/asgi.py`` ``read_body``, from Content-Length
   before the body is read, and while it is read;
 - header and body deadlines (408), and a cap on an unfinished head:
-  ``server/uvicorn_internals.py``, below the ASGI app, which never sees a request
+  ``server/uvicorn_internals/receipt.py``, below the ASGI app, which never sees a request
   whose headers have not arrived;
 - items per request (413) and text length (400): where the request is
   decoded (``server/infer.py``, the ``text`` kind);

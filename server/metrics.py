@@ -79,7 +79,7 @@ class Metrics:
         # (RELIABILITY R24) and an operator watch for leaks
         ProcessCollector(registry=self.registry)
         # python_gc_collections_total{generation}: collections that grow with load
-        # mean in-flight objects are being walked (server/uvicorn_internals.py)
+        # mean in-flight objects are being walked (server/uvicorn_internals/serving.py)
         GCCollector(registry=self.registry)
         self.registry.register(_LoopCollector())
 

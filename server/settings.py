@@ -43,7 +43,7 @@ class Settings:
     # proxies whose X-Forwarded-For/-Proto uvicorn believes (its forwarded_allow_ips);
     # empty: proxy headers are off, and no request pays for reading them
     forwarded_allow_ips: str = ""
-    # hardening (server/limits.py, server/uvicorn_internals.py, server/auth.py)
+    # hardening (server/limits.py, server/uvicorn_internals/, server/auth.py)
     max_header_bytes: int = 16 * 1024  # names + values of all request headers; over: 431
     header_timeout: float = 10.0  # seconds from a request's first byte to its last header
     body_timeout: float = 10.0  # seconds from the last header to the body's last byte

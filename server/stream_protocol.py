@@ -1,7 +1,7 @@
 """carpool's WebSocket protocol: uvicorn's websockets-sansio protocol with the
 reading and writing a stream of many small messages needs.
 
-Like ``server/uvicorn_internals.py``, this relies on uvicorn's internals
+Like ``server/uvicorn_internals/``, this relies on uvicorn's internals
 (uvicorn 0.54, pinned to <0.55 in pyproject.toml) and websockets' (17):
 read both again before moving a pin. The stream (``server/stream.py``)
 finds what it offers in the scope's extensions (``server/frames.py``).

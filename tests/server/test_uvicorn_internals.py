@@ -1,4 +1,4 @@
-"""``server/uvicorn_internals.py``: an answer leaves in one write.
+"""``server/uvicorn_internals/``: an answer leaves in one write.
 
 uvicorn writes a response's status line and headers, then its body, as two
 ``transport.write`` calls: two syscalls per answer. The transport a request's
