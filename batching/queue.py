@@ -7,8 +7,9 @@ once (``admit``): ``Closed`` when not accepting, ``Overloaded`` past
 exactly once: its items are taken into batches (``take``) and answered when
 the last has a result (``deliver``) or fail with a batch (``fail``); the
 caller stops waiting (``withdraw``); its deadline passes while any item still
-waits (``expire``: those are never computed, and running work is not timed
-out); or the batcher shuts down with them queued (``cancel_all``).
+waits (``expire``, timed by ``batching/deadlines.py``: those are never
+computed, and running work is not timed out); or the batcher shuts down with
+them queued (``cancel_all``).
 
 Gathering a batch, for a free worker (``gather``):
 
@@ -35,6 +36,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Generic, TypeVar
 
+from batching.deadlines import Deadlines
 from batching.errors import BatchingError, Cancelled, Closed, DeadlineExceeded, Overloaded
 from batching.forward import Failure, Outcome
 from batching.pending import Pending, Segment
@@ -62,14 +64,7 @@ class Queue(Generic[Item, Result]):
         self._pending: deque[Pending[Item, Result]] = deque()
         self._arrivals = 0
         self._arrived = asyncio.Event()
-        # Deadlines: one timer for the queue, at the earliest deadline of the
-        # callers queued in deadline order (most of them: every request of a
-        # model has the same timeout unless it asks for a shorter one); a
-        # caller whose deadline comes before an earlier caller's has a timer
-        # of its own. No timer per request on the hot path.
-        self._in_order = -math.inf  # the latest deadline queued in order
-        self._expiry: asyncio.TimerHandle | None = None
-        self._expiry_at = math.inf
+        self._deadlines = Deadlines(self._pending, self.expire)  # no timer per request
         self._gather_lock = asyncio.Lock()
 
     # -- the door --------------------------------------------------------------
@@ -121,18 +116,13 @@ class Queue(Generic[Item, Result]):
         loop = asyncio.get_running_loop()
         pending: Pending[Item, Result] = Pending(items, loop.create_future(), now, deadline)
         if not stats.queued:
-            self._in_order = -math.inf
+            self._deadlines.emptied()
         self._pending.append(pending)
         stats.queued += count
         self._arrivals += 1
         self._arrived.set()
         if deadline is not None:
-            if deadline >= self._in_order:
-                self._in_order = deadline
-                if deadline < self._expiry_at:  # the queue was empty: nothing sooner is armed
-                    self._arm_expiry(deadline, now)
-            else:
-                pending.timer = loop.call_later(deadline - now, self.expire, pending)
+            self._deadlines.track(pending, deadline, now)
         return pending
 
     # -- leaving early ---------------------------------------------------------
@@ -161,32 +151,6 @@ class Queue(Generic[Item, Result]):
         pending.future.set_exception(
             DeadlineExceeded("the request's deadline passed while it waited in the queue")
         )
-
-    def _expire_due(self) -> None:
-        """The queue's deadline timer: expire the in-order callers whose
-        deadline has passed, then wait for the next one's."""
-        self._expiry, self._expiry_at = None, math.inf
-        now = time.monotonic()
-        queue = self._pending
-        index = 0
-        while index < len(queue):
-            pending = queue[index]
-            deadline = pending.deadline
-            if pending.next == len(pending.items) or pending.timer is not None or deadline is None:
-                index += 1  # dispatched, or timed by its own timer, or never timed out
-                continue
-            if deadline > now:
-                self._arm_expiry(deadline, now)
-                return
-            self.expire(pending)  # leaves the queue, or stays at the head with nothing left
-            if index < len(queue) and queue[index] is pending:
-                index += 1
-
-    def _arm_expiry(self, deadline: float, now: float) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-        self._expiry_at = deadline
-        self._expiry = asyncio.get_running_loop().call_later(deadline - now, self._expire_due)
 
     def fail(self, pending: Pending[Item, Result], error: BatchingError, reason: str) -> None:
         """Answer ``pending`` with ``error`` (unless answered); its queued items leave."""
