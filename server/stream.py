@@ -7,7 +7,7 @@ full. Each request is queued in the batcher without a task of its own (a
 task per message was the stream's largest cost), and its future's
 done-callback posts the answer; one writer sends the answers in the order
 they finish, all that are waiting in one write with ``frames.SEND_MANY``
-(``server/frames.py`` has their format).
+(``server/outbox.py``; ``server/frames.py`` has their format).
 
 Backpressure: at most ``max_in_flight`` messages per connection are between
 read and answered. At the cap the stream takes no more: the protocol queues
@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections import deque
 from functools import partial
 from typing import Any
 
@@ -36,6 +35,7 @@ from server.infer import Infer, Job
 from server.kinds import Result
 from server.metrics import Metrics
 from server.models import ServedModel
+from server.outbox import Outbox
 from server.settings import Settings
 
 logger = logging.getLogger("carpool.server")
@@ -81,20 +81,17 @@ class Stream:
         self.closed = asyncio.Event()
         self._receive = receive
         self._send = send
-        self._send_many = send_many  # the protocol writes many frames at once (frames.SEND_MANY)
         self._push = push  # the protocol hands over messages as they arrive (frames.PUSH)
         self._serving = True  # False once serve() has ended: the sink takes nothing more
         # the requests queued in the batcher, by id
         self._pending: dict[str, Pending[Any, Result]] = {}
-        self._outbox: deque[frames.Frame | Message] = deque()  # a Message: the close
-        self._wake = asyncio.Event()  # the outbox has something
+        self._outbox = Outbox(send, send_many, self._sent)
         self._room = asyncio.Event()  # in_flight is under the cap
         self._idle = asyncio.Event()  # in_flight is 0
         self._room.set()
         self._idle.set()
         self._reader: asyncio.Task[None] | None = None
         self._deadline = math.inf  # of the drain, on the loop's clock
-        self._closing = False  # a close frame is in the outbox
         self._past_deadline = False
 
     @property
@@ -105,7 +102,7 @@ class Stream:
     # -- the connection's life ---------------------------------------------------
 
     async def serve(self) -> None:
-        writer = asyncio.create_task(self._write())
+        writer = asyncio.create_task(self._outbox.write())
         reader: asyncio.Task[None] | None = None
         try:
             if not self.draining:
@@ -115,7 +112,7 @@ class Stream:
                 await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
             if self.draining and not writer.done():
                 await self._finish(writer)
-            elif self._closing and not writer.done():
+            elif self._outbox.closing and not writer.done():
                 await asyncio.wait((writer,), timeout=_FLUSH_SECONDS)
         finally:
             # The client left (or we are done): what is still queued is withdrawn
@@ -156,7 +153,7 @@ class Stream:
             self._past_deadline = True
             self._withdraw_all()
             await asyncio.sleep(0)  # their done-callbacks post the 503s
-        self._post_close(GOING_AWAY, "the server is shutting down")
+        self._outbox.post_close(GOING_AWAY, "the server is shutting down")
         await asyncio.wait((writer,), timeout=max(self._deadline - loop.time(), _FLUSH_SECONDS))
 
     # -- reading -----------------------------------------------------------------
@@ -187,7 +184,7 @@ class Stream:
         if (
             self.in_flight >= self.max_in_flight
             or self.draining
-            or self._closing
+            or self._outbox.closing
             or not self._serving
         ):
             return False
@@ -207,7 +204,7 @@ class Stream:
         if len(frame) > self.max_message_bytes:
             # uvicorn's websockets implementations enforce ws_max_size first;
             # this holds under any other.
-            self._post_close(TOO_BIG, f"a message is over {self.max_message_bytes} bytes")
+            self._outbox.post_close(TOO_BIG, f"a message is over {self.max_message_bytes} bytes")
             return False
         self.in_flight += 1
         self._idle.clear()
@@ -272,59 +269,19 @@ class Stream:
         except Exception as exc:
             self._post_error(exc, request_id)
             return
-        self._post(frames.result(payload, header_length, completion, binary))
+        self._outbox.post(frames.result(payload, header_length, completion, binary))
         self.metrics.count(self.name, "ok")
 
     def _post_error(self, exc: BaseException, request_id: str | None) -> None:
         told = answer(exc)
         if self.model is not None:
             self.metrics.count(self.name, told.reason)
-        self._post(frames.text(told.frame(request_id)))
+        self._outbox.post(frames.text(told.frame(request_id)))
 
-    def _post(self, message: frames.Frame | Message) -> None:
-        self._outbox.append(message)
-        self._wake.set()
-
-    def _post_close(self, code: int, reason: str) -> None:
-        if not self._closing:
-            self._closing = True
-            self._post(frames.close(code, reason))
-
-    async def _write(self) -> None:
-        """Send what the outbox holds: with ``send_many``, every answer that
-        is waiting goes in one write (the answers of one batch arrive in one
-        turn of the loop); else one ASGI message each."""
-        outbox = self._outbox
-        send = self._send
-        cap = self.max_in_flight
-        while True:
-            if not outbox:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            first = outbox.popleft()
-            sent = 1
-            if isinstance(first, tuple):
-                if self._send_many:
-                    batch = [first]
-                    while outbox and isinstance(outbox[0], tuple):
-                        batch.append(outbox.popleft())  # type: ignore[arg-type]
-                    message: Message = {"type": frames.SEND_MANY, "frames": batch}
-                    sent = len(batch)
-                else:
-                    message = frames.message(first)
-            else:
-                message = first  # the close
-            try:
-                await send(message)
-            except RuntimeError as exc:
-                # uvicorn refuses to send once the protocol has closed the
-                # connection itself (a 1009, say) and before it reports the loss
-                raise ConnectionError(f"the connection is closed: {exc}") from exc
-            if message["type"] == "websocket.close":
-                return
-            self.in_flight -= sent
-            if self.in_flight < cap:
-                self._room.set()
-            if self.in_flight == 0:
-                self._idle.set()
+    def _sent(self, count: int) -> None:
+        """``count`` answers have left: their places under the cap are free."""
+        self.in_flight -= count
+        if self.in_flight < self.max_in_flight:
+            self._room.set()
+        if self.in_flight == 0:
+            self._idle.set()
