@@ -153,11 +153,19 @@ def evaluate(doc: Doc) -> list[Goal]:
         )
     )
     over_mosec = ws / mosec if mosec else math.nan
+    # the stack's own ceiling: the floor's stream, which only parses and answers
+    floor_ws = best_rps(doc, "tiny", costs.FLOOR, "ws")
+    ceiling = (
+        f"; the floor's WS {_rate(floor_ws)} msg/s = {floor_ws / mosec:.2f}x"
+        if not math.isnan(floor_ws) and mosec
+        else ""
+    )
     goals.append(
         Goal(
             "WebSocket: against mosec",
             f"carpool's best WS msg/s >= {WS_OVER_MOSEC:g}x mosec's best HTTP req/s",
             f"carpool WS {_rate(ws)} msg/s = {over_mosec:.2f}x mosec's {_rate(mosec)} req/s"
+            + ceiling
             if not math.isnan(over_mosec)
             else "not measured",
             None if math.isnan(over_mosec) else over_mosec >= WS_OVER_MOSEC,

@@ -71,9 +71,10 @@ class Plan:
         """Roughly how long the run takes: what the progress bar counts down."""
         total = self.offline_estimate()
         serves = {spec.name: spec.workloads for spec in SERVERS}
+        transports_of = {spec.name: len(spec.transports) for spec in SERVERS}
         for workload in self.workloads:
             for server in (s for s in self.servers if workload in serves[s]):
-                transports = 2 if server == "carpool" else 1
+                transports = transports_of[server]
                 total += STARTUP_ESTIMATE[workload] + self.warmup_seconds + 2
                 points = len(self.concurrencies_for(workload))
                 total += transports * points * self.seconds_per_point("closed")

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 from bench.results import number
 
 Doc = dict[str, Any]
-_ORDER = ("carpool", "carpool (WS)", "mosec", "fastapi", "flask", "floor")
+_ORDER = ("carpool", "carpool (WS)", "mosec", "fastapi", "flask", "floor", "floor (WS)")
 
 
 def _label(point: dict[str, Any]) -> str:

@@ -84,7 +84,7 @@ SERVERS = (
     ServerSpec("mosec", batching=True),
     ServerSpec("fastapi"),
     ServerSpec("flask"),
-    ServerSpec("floor", workloads=("tiny",)),
+    ServerSpec("floor", ("http", "ws"), workloads=("tiny",)),
 )
 
 

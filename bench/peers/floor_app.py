@@ -12,12 +12,22 @@ start-up one image at a time (as the offline reference is), and looked up by
 the image's pixels. An image outside the corpus gets 400: the floor serves
 the suite's tiny requests and nothing else.
 
+Over WebSocket (``/v2/models/digits/stream``) it is the least a stream costs
+on carpool's stack: carpool's stream protocol parses each message and hands
+it to the floor as it arrives (``frames.PUSH``), the floor answers it at
+once, and carpool's outbox sends every waiting answer in one write
+(``frames.SEND_MANY``). What carpool's stream adds on top (validation, the
+batcher, the cap on messages in flight, ids, errors) is what the ratio of
+the two measures.
+
     BENCH_MODEL=digits python -m bench.peers.floor_app --host 127.0.0.1 --port 8000
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import gc
 import os
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
@@ -26,6 +36,8 @@ from typing import Any, cast
 import orjson
 
 from bench import workloads
+from server import frames
+from server.outbox import Outbox
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -45,6 +57,7 @@ class Floor:
     def __init__(self, answers: Mapping[tuple[int, ...], Answer]) -> None:
         self.answers = answers
         self.path = f"/v2/models/{MODEL}/infer"
+        self.stream_path = f"/v2/models/{MODEL}/stream"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -52,6 +65,8 @@ class Floor:
             await self._http(scope, receive, send)
         elif kind == "lifespan":
             await _lifespan(receive, send)
+        elif scope["path"] == self.stream_path:
+            await self._websocket(scope, receive, send)
         else:
             await send({"type": "websocket.close"})  # before accepting: the handshake is refused
 
@@ -71,6 +86,32 @@ class Floor:
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (await receive())["type"] != "websocket.connect":
+            return
+        await send({"type": "websocket.accept"})
+        extensions = scope.get("extensions") or {}
+        outbox = Outbox(send, frames.SEND_MANY in extensions, lambda count: None)
+        writer = asyncio.create_task(outbox.write())
+
+        def take(data: bytes, binary: bool) -> bool:
+            outbox.post(frames.text(self.answer(data)[1]))
+            return True  # taken: the floor has no cap on messages in flight
+
+        try:
+            if frames.PUSH in extensions:
+                await send({"type": frames.PUSH, "sink": take})
+            while True:  # without PUSH every message; with it, only the disconnect
+                message = await receive()
+                if message["type"] != "websocket.receive":
+                    return
+                text = message.get("text")
+                take(text.encode() if text is not None else message.get("bytes") or b"", False)
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await writer
 
     def answer(self, body: bytes) -> tuple[int, bytes]:
         """(status, answer) for one v2 infer body of one image."""

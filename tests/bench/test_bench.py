@@ -7,6 +7,7 @@ Pure and fast: no server is started and no load is sent.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import statistics
@@ -473,6 +474,9 @@ def test_the_websocket_goal_is_against_mosecs_best_http() -> None:
     goal = _goal(doc, "WebSocket: against mosec")
     assert goal.met is False
     assert "1.23x" in goal.measured
+    assert "floor" not in goal.measured  # not measured: not said
+    doc["points"].append(_closed_point("floor", 128, 60_000.0, "ws"))
+    assert "the floor's WS 60,000 msg/s = 1.50x" in _goal(doc, "WebSocket: against mosec").measured
 
 
 # -- the floor and the CPU per request -------------------------------------------
@@ -541,6 +545,40 @@ async def test_the_floor_completes_its_lifespan() -> None:
     messages = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
     sent = await _call(_floor_for(_tiny()), {"type": "lifespan"}, messages)
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+async def test_the_floor_answers_every_stream_message_with_its_id() -> None:
+    workload = _tiny()
+    messages: list[dict[str, Any]] = [
+        {"type": "websocket.connect"},
+        {"type": "websocket.receive", "text": workload.body(0, "a").decode()},
+        {"type": "websocket.receive", "text": workload.body(1, "b", full=True).decode()},
+        {"type": "websocket.disconnect", "code": 1000},
+    ]
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        for _ in range(3):
+            await asyncio.sleep(0)  # the writer sends what was posted before the next
+        return messages.pop(0)
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {"type": "websocket", "path": "/v2/models/digits/stream"}
+    await _floor_for(workload)(scope, receive, send)
+    assert sent[0] == {"type": "websocket.accept"}
+    answers = [orjson.loads(m["text"]) for m in sent[1:]]
+    assert [a["id"] for a in answers] == ["a", "b"]
+    assert workload.judge_doc(0, "a", answers[0]) == (OK, "")
+    assert workload.judge_doc(1, "b", answers[1], full=True) == (OK, "")
+
+
+async def test_the_floor_refuses_a_stream_on_another_path() -> None:
+    sent = await _call(
+        _floor_for(_tiny()), {"type": "websocket", "path": "/v2/models/minilm/stream"}, []
+    )
+    assert sent == [{"type": "websocket.close"}]
 
 
 def test_the_floor_is_planned_only_for_the_workload_it_serves() -> None:
