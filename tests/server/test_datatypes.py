@@ -65,6 +65,17 @@ def test_a_value_at_either_end_of_a_datatypes_range_is_taken_and_one_past_it_ref
             decode_request(one_value(datatype.name, value), config)
 
 
+def test_integers_are_range_checked_only_where_a_float_type_cannot_hold_them() -> None:
+    # FP32 and FP64 hold every integer JSON brings (within 2**64); FP16 does not
+    for datatype in ("FP32", "FP64"):
+        biggest = 2**64 - 1
+        assert decode_request(one_value(datatype, biggest), of(datatype)).columns["x"] == [biggest]
+    with pytest.raises(BadRequest, match="FP16"):
+        decode_request(one_value("FP16", 65505), of("FP16"))
+    with pytest.raises(BadRequest, match="FP16"):
+        decode_request(one_value("FP16", -70000), of("FP16"))
+
+
 @pytest.mark.parametrize("datatype", sorted(DATATYPES), ids=str)
 def test_every_datatype_packs_and_unpacks_its_zero_in_binary(datatype: str) -> None:
     zero = DATATYPES[datatype].zero
