@@ -9,7 +9,6 @@ finds what it offers in the scope's extensions (``server/frames.py``).
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 from uvicorn.protocols.utils import ClientDisconnected
@@ -17,24 +16,10 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.exceptions import InvalidState
 from websockets.protocol import State
 
-from server import frames
+from server import frames, wire
 
 _READ_AHEAD = 16  # messages read ahead of the app, at most
 _READ_AHEAD_BYTES = 1024 * 1024  # and their bytes (text counted in characters)
-
-
-def frame_head(is_text: bool, length: int) -> bytes:
-    """The header of a final, unmasked text or binary frame of ``length`` bytes."""
-    first = 0x81 if is_text else 0x82
-    if length < 126:
-        return bytes((first, length))
-    if length < 65536:
-        return _HEAD_16.pack(first, 126, length)
-    return _HEAD_64.pack(first, 127, length)
-
-
-_HEAD_16 = struct.Struct("!BBH")
-_HEAD_64 = struct.Struct("!BBQ")
 
 
 class StreamProtocol(WebSocketsSansIOProtocol):
@@ -52,10 +37,55 @@ class StreamProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._waiting_bytes = 0
+        # reading: data frames are read here (server/wire.py) while websockets
+        # has nothing buffered; a partial small frame waits in _held
+        self._reading = False
+        self._held = b""
         # frames.PUSH: the stream's sink, and whether messages go to it (else
         # to the queue, until the app has read the queue empty)
         self._sink: Any = None
         self._pushing = False
+
+    def data_received(self, data: bytes) -> None:
+        if not self._reading:
+            super().data_received(data)
+            self._reading = self._may_read()
+            return
+        if self._held:
+            data = self._held + data
+            self._held = b""
+        conn = self.conn
+        limits = [x for x in (conn.max_message_size, conn.max_fragment_size) if x is not None]
+        found, stop, foreign = wire.data_frames(data, min(limits) if limits else None)
+        for end, is_text, payload in found:
+            self.curr_msg_data_type = "text" if is_text else "bytes"
+            self.frames = [payload]
+            self.send_receive_event_to_app()
+            if not self._may_read():  # closing now (a 1007 or 1009, or the app's close)
+                stop = end
+                foreign = True
+                break
+        if foreign:
+            self._reading = False
+            if stop < len(data):
+                self.data_received(data[stop:])  # websockets' rules apply from here
+        elif stop < len(data):
+            self._held = data[stop:]
+
+    def _may_read(self) -> bool:
+        """Whether the next bytes can be read here: an open stream with no
+        extension, and websockets mid-way through nothing."""
+        conn = self.conn
+        return (
+            self.handshake_complete
+            and not self.close_sent
+            and conn.state is State.OPEN
+            and not conn.extensions
+            and not conn.expect_continuation_frame
+            and conn.parser_exc is None
+            and not conn.reader.buffer
+            and not self.transport.is_closing()
+        )
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -143,6 +173,6 @@ class StreamProtocol(WebSocketsSansIOProtocol):
         # than websockets' Frame objects cost, after whatever websockets queued.
         out = conn.data_to_send()
         for is_text, data in message["frames"]:
-            out.append(frame_head(is_text, len(data)))
+            out.append(wire.frame_head(is_text, len(data)))
             out.append(data)
         self.transport.write(b"".join(out))
