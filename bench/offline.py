@@ -119,6 +119,10 @@ async def run_child(plan: Plan, core: int, workdir: Path) -> dict[str, Any]:
         process.kill()
         await process.wait()
         raise RuntimeError(f"the offline run took more than {_CHILD_SECONDS} s") from None
+    except asyncio.CancelledError:  # the run was stopped (SIGTERM): the child with it
+        process.kill()
+        await process.wait()
+        raise
     if process.returncode != 0:
         raise RuntimeError(f"the offline run failed:\n{log.decode()[-3000:]}")
     result: dict[str, Any] = json.loads(out.read_text())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
+import signal
 import tempfile
 import time
 import zlib
@@ -66,6 +67,12 @@ class Runner:
         self.outcome = Outcome()
 
     async def run(self) -> Outcome:
+        # SIGTERM (or SIGHUP) stops the run as Ctrl-C does: cancelled, each
+        # server, wrk and child it started is stopped on the way out
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+        for stop in (signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(stop, task.cancel)
         servers.pin_self(self.client_core)
         self.outcome.offline = await self.offline()
         for name in self.plan.workloads:

@@ -227,6 +227,10 @@ class Wrk:
             process.kill()
             await process.wait()
             raise RuntimeError("wrk did not finish in time") from None
+        except asyncio.CancelledError:  # the run was stopped (SIGTERM): wrk with it
+            process.kill()
+            await process.wait()
+            raise
         if process.returncode != 0:
             raise RuntimeError(f"wrk exited with {process.returncode}:\n{out.decode()[-2000:]}")
         return parse(out.decode())
