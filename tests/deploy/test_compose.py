@@ -41,7 +41,7 @@ REPLICAS = 3 if FULL else 2  # the compose file's own 3 in the long run
 CLIENTS = 4
 # Requests one load may send: the swarm's steps run for minutes (about 100/s).
 LIMIT = 60_000
-GRACE_PERIOD = 30  # docker-compose.yml's stop_grace_period
+GRACE_PERIOD = 35  # docker-compose.yml's stop_grace_period
 # Skipped on a machine without an engine; in CI (which installs one) a missing one fails.
 pytestmark = [
     pytest.mark.skipif(
