@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,14 @@ OVERRIDE_FILE = Path(__file__).resolve().parent / "docker-compose.local.yml"
 # Grafana has no image here; everything else of the file runs.
 SERVICES = ("carpool", "nginx", "prometheus")
 T = TypeVar("T")
+# What nginx's error log says about its tries of the replicas, by kind.
+NGINX_EVENTS = {
+    "(111: Connection refused)": "refused",
+    "(104: Connection reset by peer)": "reset",
+    "prematurely closed connection": "closed",
+    "(110: Connection timed out)": "timed out",
+    "no live upstreams": "no live upstreams",
+}
 _READ_METRICS = (
     "import sys, urllib.request as u; "
     "sys.stdout.write(u.urlopen('http://127.0.0.1:8000/metrics', timeout=5).read().decode())"
@@ -127,12 +136,23 @@ class Stack:
 
     def nginx_errors(self, lines: int = 30) -> str:
         """nginx's last error-log lines about the replicas and their names
-        (why a request failed); its error log is the container's stderr."""
-        (nginx,) = [c for c in self.containers("nginx") if c["State"]["Running"]]
-        said = self.engine.run("logs", nginx["Id"], check=False).stderr.splitlines()
+        (why a request failed)."""
+        said = self._nginx_log()
         return "\n".join(
             [line for line in said if "upstream" in line or "resolve" in line][-lines:]
         )
+
+    def nginx_events(self) -> Counter[str]:
+        """How many times nginx's error log has said each of NGINX_EVENTS."""
+        said = self._nginx_log()
+        return Counter(
+            {kind: sum(text in line for line in said) for text, kind in NGINX_EVENTS.items()}
+        )
+
+    def _nginx_log(self) -> list[str]:
+        # nginx's error log is the container's stderr.
+        (nginx,) = [c for c in self.containers("nginx") if c["State"]["Running"]]
+        return self.engine.run("logs", nginx["Id"], check=False).stderr.splitlines()
 
     def instances(self, query: str) -> set[str]:
         """The ``instance`` labels of the series ``query`` finds."""

@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,7 +42,7 @@ REPLICAS = 3 if FULL else 2  # the compose file's own 3 in the long run
 CLIENTS = 4
 # Requests one load may send: the swarm's steps run for minutes (about 100/s).
 LIMIT = 60_000
-GRACE_PERIOD = 30  # docker-compose.yml's stop_grace_period
+GRACE_PERIOD = 35  # docker-compose.yml's stop_grace_period
 # Skipped on a machine without an engine; in CI (which installs one) a missing one fails.
 pytestmark = [
     pytest.mark.skipif(
@@ -66,6 +67,11 @@ class Figures:
     def load(self, step: str, load: SteadyLoad, **more: Any) -> None:
         failed = len(load.failures)
         self.steps.append({"step": step, "sent": load.sent, "failed": failed, **more})
+
+    async def nginx(self, stack: Stack, since: Counter[str]) -> None:
+        """Adds to the last step what nginx's error log said during it."""
+        said = await off(stack.nginx_events) - since
+        self.steps[-1]["nginx"] = dict(sorted(said.items()))
 
     def took(self, step: str, seconds: float, **more: Any) -> None:
         self.steps.append({"step": step, "seconds": round(seconds, 1), **more})
@@ -157,6 +163,7 @@ async def test_docker_kill_of_a_replica_under_load_fails_no_request(
     compose: ComposeStack, figures: Figures
 ) -> None:
     victim, *survivors = compose.replicas()
+    said = compose.nginx_events()
     try:
         async with CheckedLoad(compose.url, clients=CLIENTS) as load:
             await load.answered(200)
@@ -166,6 +173,7 @@ async def test_docker_kill_of_a_replica_under_load_fails_no_request(
             await load.answered(600)
             carried = {r.id: await off(compose.served, r) - at_kill[r.id] for r in survivors}
         figures.load("docker kill of 1 replica", load, replicas=REPLICAS)
+        await figures.nginx(compose, said)
         assert load.failures == [], await off(compose.nginx_errors)
         assert all(count > 0 for count in carried.values()), carried
     finally:
@@ -179,6 +187,7 @@ async def test_docker_stop_of_a_replica_under_load_fails_no_request_and_it_drain
     (config,) = compose.engine.inspect(victim.id)
     # compose gave the container the file's grace period: `docker stop` waits that long.
     assert config["Config"]["StopTimeout"] == GRACE_PERIOD
+    said = compose.nginx_events()
     try:
         async with CheckedLoad(compose.url, clients=CLIENTS) as load:
             await load.answered(200)
@@ -190,6 +199,7 @@ async def test_docker_stop_of_a_replica_under_load_fails_no_request_and_it_drain
             await load.answered(300)
         (state,) = compose.engine.inspect(victim.id)
         figures.load("docker stop (SIGTERM) of 1 replica", load, exited_in_s=round(stopped_in, 1))
+        await figures.nginx(compose, said)
         assert load.failures == [], await off(compose.nginx_errors)
         assert state["State"]["ExitCode"] == 0  # drained and exited itself: no SIGKILL
         logs = compose.engine.run("logs", victim.id).stderr
@@ -223,6 +233,7 @@ async def test_scaling_to_4_replicas_and_back_to_2_under_load_fails_no_request(
     compose: ComposeStack, figures: Figures
 ) -> None:
     before = {replica.id for replica in compose.replicas()}
+    said = compose.nginx_events()
     async with CheckedLoad(compose.url, clients=CLIENTS) as load:
         await load.answered(200)
         await off(compose.up, 4)
@@ -230,6 +241,8 @@ async def test_scaling_to_4_replicas_and_back_to_2_under_load_fails_no_request(
         assert len(added) == 4 - len(before)
         await off(wait_for, lambda: all(compose.served(r) > 0 for r in added), "the new serving")
         figures.load("docker compose up --scale carpool=4", load)
+        await figures.nginx(compose, said)
+        said = await off(compose.nginx_events)
         sent, failed = load.sent, len(load.failures)
         await off(compose.up, 2)
         await load.answered(300)
@@ -241,6 +254,7 @@ async def test_scaling_to_4_replicas_and_back_to_2_under_load_fails_no_request(
             "failed": len(load.failures) - failed,
         }
     )
+    await figures.nginx(compose, said)
     assert load.failures == [], await off(compose.nginx_errors)
     live = {replica.address for replica in compose.replicas()}
     query = 'carpool_batch_size_count{job="carpool", model="digits"} and on (instance) up == 1'
@@ -276,6 +290,7 @@ async def test_a_rolling_update_under_load_fails_no_request(
     # The Dockerfile again, from the build cache: the same layers under a new tag,
     # which the service spec names, so swarm replaces every task.
     image = await off(build_carpool, engine, "2")
+    said = await off(swarm.nginx_events)
     async with CheckedLoad(swarm.url, clients=CLIENTS, limit=LIMIT) as load:
         await load.answered(200)
         started = time.monotonic()
@@ -288,6 +303,7 @@ async def test_a_rolling_update_under_load_fails_no_request(
         updated_in = time.monotonic() - started
         await load.answered(300)
     figures.load("docker service update --image (rolling)", load, took_s=round(updated_in, 1))
+    await figures.nginx(swarm, said)
     assert load.failures == [], await off(swarm.nginx_errors)
     images = {c["Config"]["Image"] for c in swarm.containers("carpool") if c["State"]["Running"]}
     assert images == {image}
@@ -298,6 +314,7 @@ async def test_a_killed_task_is_replaced_and_no_request_fails(
     swarm: SwarmStack, engine: Engine, figures: Figures
 ) -> None:
     victim = swarm.replicas()[0]
+    said = swarm.nginx_events()
     async with CheckedLoad(swarm.url, clients=CLIENTS, limit=LIMIT) as load:
         await load.answered(200)
         await off(engine.run, "kill", victim.id)
@@ -310,4 +327,5 @@ async def test_a_killed_task_is_replaced_and_no_request_fails(
         await off(wait_for, replaced, "a new task in the killed one's place", 300)
         await load.answered(200)
     figures.load("docker kill of a swarm task", load)
+    await figures.nginx(swarm, said)
     assert load.failures == [], await off(swarm.nginx_errors)

@@ -1,15 +1,21 @@
 """The deployment files, checked offline: the compose file wires what the
-deployment needs, nginx and Prometheus accept their configs, the Kubernetes
-manifests validate against the API schemas, and every query of the Grafana
-dashboard asks for a metric that a running carpool exports."""
+deployment needs, nginx and Prometheus accept their configs (and nginx, run
+on loopback, gives a request it gave up on a second round of tries), the
+Kubernetes manifests validate against the API schemas, and every query of
+the Grafana dashboard asks for a metric that a running carpool exports."""
 
 from __future__ import annotations
 
 import json
 import re
+import socketserver
 import subprocess
 import sys
+import threading
+import time
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +25,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.local.load import BODY, PATH
-from deploy.local.topology import find, render_nginx, render_prometheus
+from deploy.local.topology import find, free_port, get, render_nginx, render_prometheus
 from server.settings import Settings
 from tests.servers import ROOT, in_thread
 
@@ -191,6 +197,97 @@ def test_nginx_accepts_the_rendered_config(tmp_path: Path) -> None:
         check=False,
     )
     assert check.returncode == 0, check.stderr
+
+
+class HangsUp(socketserver.ThreadingTCPServer):
+    """A replica on loopback that hangs up, unanswered, on the first ``drops``
+    requests it reads, and answers each later one 200 with the body it got."""
+
+    daemon_threads = True
+
+    def __init__(self, drops: int) -> None:
+        super().__init__(("127.0.0.1", 0), _HangsUpHandler)
+        self.drops = drops
+        self.bodies: list[bytes] = []
+        self.lock = threading.Lock()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server_address[1]}"
+
+
+class _HangsUpHandler(socketserver.StreamRequestHandler):
+    server: HangsUp
+
+    def handle(self) -> None:
+        head = b""
+        while (line := self.rfile.readline()) not in (b"\r\n", b""):
+            head += line
+        length = re.search(rb"(?im)^content-length: *(\d+)", head)
+        body = self.rfile.read(int(length.group(1))) if length else b""
+        with self.server.lock:
+            self.server.bodies.append(body)
+            if len(self.server.bodies) <= self.server.drops:
+                return  # the connection closes without an answer
+        answer = f"HTTP/1.1 200 OK\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        self.wfile.write(answer.encode() + body)
+
+
+@contextmanager
+def nginx_in_front_of(replica: HangsUp, workdir: Path) -> Iterator[str]:
+    """Debian's nginx running the rendered nginx.conf, ``replica`` its one
+    upstream server: yields nginx's URL once it answers."""
+    with replica:
+        serving = threading.Thread(target=replica.serve_forever, daemon=True)
+        serving.start()
+        url = f"http://127.0.0.1:{free_port()}"
+        config = workdir / "nginx.conf"
+        config.write_text(render_nginx(NGINX_CONF, [replica.address], url[7:], workdir))
+        nginx = subprocess.Popen(
+            [
+                *(str(find("nginx")), "-p", f"{workdir}/", "-c", str(config)),
+                *("-e", str(workdir / "error.log")),
+                *("-g", f"daemon off; pid {workdir / 'nginx.pid'};"),
+            ]
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while get(url + "/metrics")[0] != 404:  # nginx's own answer, not the replica's
+                if nginx.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"nginx did not start: {(workdir / 'error.log').read_text()}"
+                    )
+                time.sleep(0.05)
+            yield url
+        finally:
+            nginx.terminate()
+            nginx.wait(30)
+            replica.shutdown()
+            serving.join(30)
+
+
+@pytest.mark.skipif(find("nginx") is None, reason="nginx not installed")
+def test_nginx_sends_a_request_it_gave_up_on_to_the_replicas_once_more(tmp_path: Path) -> None:
+    # One replica, one try a round: the hang-up ends the first round, as a
+    # changed address list ends nginx's retries under `resolve`.
+    replica = HangsUp(drops=1)
+    with nginx_in_front_of(replica, tmp_path) as url:
+        answer = httpx.post(url + PATH, content=BODY, headers={"content-type": "application/json"})
+    assert answer.status_code == 200
+    assert answer.content == BODY
+    assert replica.bodies == [BODY, BODY]  # the POST's body went again, whole
+
+
+@pytest.mark.skipif(find("nginx") is None, reason="nginx not installed")
+def test_nginx_answers_its_json_502_when_the_second_round_fails_too(tmp_path: Path) -> None:
+    replica = HangsUp(drops=10)
+    with nginx_in_front_of(replica, tmp_path) as url:
+        answer = httpx.post(url + PATH, content=BODY, headers={"content-type": "application/json"})
+    assert answer.status_code == 502
+    assert "no carpool replica answered" in answer.json()["error"]
+    assert answer.headers["retry-after"] == "1"
+    assert answer.headers["x-request-id"]
+    assert len(replica.bodies) == 2  # two rounds, never more
 
 
 # Prometheus
